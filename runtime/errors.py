@@ -1,0 +1,30 @@
+"""User-facing errors shared by the host toolchain and the device runtime.
+
+Anything the user can cause (bad folder, bad bundle, bad prompt, bad mask) raises
+:class:`FirstEdgeError` with one line naming the problem; the CLIs print that line and exit 2
+instead of showing a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class FirstEdgeError(Exception):
+    """An error caused by the user's input, reported as a single clear line."""
+
+
+def cli_main(fn):
+    """Decorate a CLI ``main``: a FirstEdgeError becomes ``error: ...`` on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FirstEdgeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
+        except KeyboardInterrupt:
+            raise SystemExit(130)
+
+    return wrapper

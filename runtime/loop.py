@@ -1,0 +1,174 @@
+"""The one generation loop every backend plugs into (PyTorch reference, ONNX Runtime, ExecuTorch).
+
+A backend implements :class:`Backend`: ``prefill`` runs every layer over the prompt, fills the
+backend's own per-layer KV buffers and returns the last position's logits and the router scores;
+``decode`` runs one token through the kept layers only. Sampling, stopping, streaming and the
+statistics are written here once, in numpy, so every runtime decodes the same way.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Protocol, Sequence
+
+import numpy as np
+
+from .errors import FirstEdgeError
+from .masks import check_mask, make_mask, mask_str, pinned_array
+
+
+class Backend(Protocol):
+    n_layers: int
+    max_context: int
+
+    def prefill(self, input_ids: np.ndarray, threshold: float):
+        """Run all layers on ``input_ids`` (int64 [T]); return (logits [V], scores [L], mask [L] for threshold)."""
+
+    def decode(self, token: int, position: int, mask: np.ndarray) -> np.ndarray:
+        """Run one token at ``position`` through the layers where ``mask`` is True; return logits [V]."""
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    eos_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+
+    def check(self):
+        if self.max_new_tokens < 1:
+            raise FirstEdgeError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise FirstEdgeError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise FirstEdgeError("top_p must be in (0, 1]")
+
+
+class Sampler:
+    def __init__(self, cfg: SamplingConfig):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.cfg.temperature == 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / self.cfg.temperature
+        z -= z.max()
+        p = np.exp(z)
+        p /= p.sum()
+        if self.cfg.top_p < 1.0:
+            order = np.argsort(-p, kind="stable")
+            cum = np.cumsum(p[order])
+            cut = int(np.searchsorted(cum, self.cfg.top_p)) + 1  # smallest prefix with mass >= top_p
+            keep = order[:cut]
+            q = np.zeros_like(p)
+            q[keep] = p[keep]
+            p = q / q.sum()
+        return int(self.rng.choice(len(p), p=p))
+
+
+@dataclass
+class GenerationResult:
+    tokens: List[int]
+    mask: np.ndarray
+    scores: np.ndarray
+    prompt_tokens: int
+    prefill_ms: float
+    decode_s: float
+    stop_reason: str
+    first_logits: Optional[np.ndarray] = None
+    step_logits: List[np.ndarray] = field(default_factory=list)
+
+    @property
+    def layers_kept(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # tokens produced by decode steps (the first token comes from prefill)
+        n = max(len(self.tokens) - 1, 0)
+        return n / self.decode_s if self.decode_s > 0 and n else float("nan")
+
+    def stats(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": len(self.tokens),
+            "prefill_ms": round(self.prefill_ms, 2),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+            "layers_kept": self.layers_kept,
+            "n_layers": int(len(self.mask)),
+            "kept_layers": [int(i) for i in np.flatnonzero(self.mask)],
+            "mask": mask_str(self.mask),
+            "stop_reason": self.stop_reason,
+        }
+
+    def stats_line(self) -> str:
+        s = self.stats()
+        skipped = [i for i in range(s["n_layers"]) if not self.mask[i]]
+        return (f"prompt {s['prompt_tokens']} tok | prefill {s['prefill_ms']:.1f} ms | "
+                f"decode {s['decode_tokens_per_s']:.2f} tok/s over {s['new_tokens']} tok | "
+                f"layers kept {s['layers_kept']}/{s['n_layers']} | skipped {skipped} | stop: {s['stop_reason']}")
+
+
+def generate(backend: Backend, input_ids: Sequence[int], sampling: SamplingConfig, *,
+             threshold: Optional[float] = None, keep: Optional[int] = None, pinned: Sequence[int] = (),
+             mask: Optional[np.ndarray] = None, default_threshold: float = 0.5,
+             on_token: Optional[Callable[[int], None]] = None, keep_logits: bool = False) -> GenerationResult:
+    """Prefill, fix the mask once, then decode token by token through the kept layers.
+
+    ``mask`` overrides the router decision (for tests and benchmarks); otherwise the mask comes
+    from the prefill's router scores by threshold (the graph's own ``layer_mask``) or budget.
+    """
+    sampling.check()
+    ids = np.asarray(list(input_ids), dtype=np.int64)
+    if ids.ndim != 1 or ids.size == 0:
+        raise FirstEdgeError("the prompt is empty")
+    if ids.size >= backend.max_context:
+        raise FirstEdgeError(
+            f"prompt has {ids.size} tokens, longer than the context of {backend.max_context} tokens "
+            f"(at least one position must be left to generate)")
+    thr = default_threshold if threshold is None else float(threshold)
+    t0 = time.perf_counter()
+    logits, scores, graph_mask = backend.prefill(ids, thr)
+    scores = np.asarray(scores, dtype=np.float32)
+    if mask is not None:
+        final_mask = check_mask(mask, backend.n_layers)  # used exactly as given
+    elif keep is not None or graph_mask is None:
+        final_mask = make_mask(scores, threshold=threshold, keep=keep, pinned=pinned, default_threshold=default_threshold)
+    else:
+        final_mask = check_mask(graph_mask, backend.n_layers) | pinned_array(backend.n_layers, pinned)
+    sampler = Sampler(sampling)
+    eos = set(int(e) for e in sampling.eos_ids)
+    tok = sampler(logits)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    tokens = [tok]
+    step_logits = []
+    if on_token:
+        on_token(tok)
+    stop = "max_new_tokens"
+    pos = int(ids.size)
+    t1 = time.perf_counter()
+    while True:
+        if tok in eos and not sampling.ignore_eos:
+            stop = "eos"
+            break
+        if len(tokens) >= sampling.max_new_tokens:
+            break
+        if pos >= backend.max_context:
+            stop = "max_context"
+            break
+        out = backend.decode(tok, pos, final_mask)
+        if keep_logits:
+            step_logits.append(np.array(out, dtype=np.float32, copy=True))
+        tok = sampler(out)
+        tokens.append(tok)
+        pos += 1
+        if on_token:
+            on_token(tok)
+    decode_s = time.perf_counter() - t1
+    return GenerationResult(tokens=tokens, mask=final_mask, scores=scores, prompt_tokens=int(ids.size),
+                            prefill_ms=prefill_ms, decode_s=decode_s, stop_reason=stop,
+                            first_logits=np.array(logits, dtype=np.float32, copy=True) if keep_logits else None,
+                            step_logits=step_logits)
