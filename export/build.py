@@ -1,0 +1,116 @@
+"""Build a deployable bundle (DESIGN.md section 3).
+
+    python -m export.build --target rpi|android [--model DIR] [--run runs/NAME] [--quantize ...] --out dist/NAME
+
+``--target rpi`` writes ONNX graphs for ONNX Runtime (export/onnx_export.py); ``--target android``
+writes one ExecuTorch ``model.pte`` (export/et_export.py). Both share the manifest, tokenizer,
+chat prefix/suffix and report written here. Each target module validates its graphs against the
+PyTorch reference before the manifest is written.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+from runtime.bundle import TOOL_VERSION, write_manifest
+from runtime.errors import FirstEdgeError, cli_main
+
+from .chat import chat_parts
+from .generate import eos_ids
+
+# target -> (module with build_graphs(), runtime name, quantize choices)
+TARGETS = {
+    "rpi": ("export.onnx_export", "onnxruntime", ("none", "int8", "int4")),
+    "android": ("export.et_export", "executorch", ("none", "8da4w")),
+}
+DEFAULT_MAX_CONTEXT = 1024
+
+
+def model_section(fm, max_context: int) -> dict:
+    return {
+        "name": fm.name, "architecture": fm.cfg.model_type, "n_layers": fm.n_layers,
+        "hidden_size": fm.hidden_size, "n_heads": fm.n_heads, "n_kv_heads": fm.n_kv_heads,
+        "head_dim": fm.head_dim, "vocab_size": fm.vocab_size, "max_context": int(max_context),
+    }
+
+
+def write_common(fm, tok, out: Path, run: Optional[str]) -> dict:
+    """tokenizer.json, report.md; returns the manifest sections shared by every target."""
+    out.mkdir(parents=True, exist_ok=True)
+    backend_tok = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
+    if backend_tok is None:
+        raise FirstEdgeError("the model's tokenizer has no tokenizers (fast) backend; a tokenizer.json is needed")
+    backend_tok.save(str(out / "tokenizer.json"))
+    pre, post = chat_parts(tok)
+    report = Path(run) / "report.md" if run else None
+    if report is not None and report.exists():
+        shutil.copy(report, out / "report.md")
+    else:
+        why = (f"run folder {run} has no report.md (run python -m export.evaluate --run {run})" if run
+               else "untrained routers (no --run): every layer is kept at the default threshold")
+        (out / "report.md").write_text(f"# {fm.name}: FiRST-Edge bundle\n\nNo evaluation report: {why}.\n")
+    return {
+        "tokens": {"bos_id": tok.bos_token_id, "eos_ids": eos_ids(tok, fm.cfg)},
+        "chat": {"template": getattr(tok, "chat_template", None) or "", "prefix": pre, "suffix": post},
+        "routing": {"default_threshold": fm.threshold, "pinned": list(fm.pinned), "mask_dtype": "bool",
+                    "router_source": str(run) if run else "untrained"},
+    }
+
+
+def build(target: str, out, model: Optional[str] = None, run: Optional[str] = None, quantize: str = "none",
+          max_context: int = DEFAULT_MAX_CONTEXT, verbose: bool = True, **opts) -> Path:
+    from .model import build_first_model
+
+    if target not in TARGETS:
+        raise FirstEdgeError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
+    mod_name, runtime, qchoices = TARGETS[target]
+    if quantize not in qchoices:
+        raise FirstEdgeError(f"--quantize {quantize} is not available for --target {target} "
+                             f"(choose from {', '.join(qchoices)})")
+    fm, tok = build_first_model(model, run, verbose=verbose)
+    mpe = getattr(fm.cfg, "max_position_embeddings", None)
+    if mpe and max_context > mpe:
+        raise FirstEdgeError(f"--max-context {max_context} exceeds the model's {mpe} positions")
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    common = write_common(fm, tok, out, run)
+    mod = importlib.import_module(mod_name)
+    graphs = mod.build_graphs(fm, out, quantize=quantize, max_context=max_context, verbose=verbose, **opts)
+    manifest = {
+        "tool": TOOL_VERSION, "target": target, "runtime": runtime,
+        "model": model_section(fm, max_context),
+        "dtype": graphs.pop("dtype", "float32"), "quantization": quantize,
+        **common,
+        "graphs": graphs,
+        "report": "report.md",
+    }
+    write_manifest(out, manifest)
+    if verbose:
+        print(f"[first-edge] bundle written: {out}", file=sys.stderr)
+    return out
+
+
+@cli_main
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m export.build", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", required=True, choices=sorted(TARGETS))
+    ap.add_argument("--model", help="local Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--run", help="finetuning run folder (routers, LoRA, report.md)")
+    ap.add_argument("--quantize", default="none", help="rpi: none|int8|int4; android: none|8da4w")
+    ap.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="target-specific option passed to build_graphs (e.g. decode_shape=split)")
+    args = ap.parse_args(argv)
+    opts = dict(o.split("=", 1) for o in args.opt)
+    build(args.target, args.out, model=args.model, run=args.run, quantize=args.quantize,
+          max_context=args.max_context, **opts)
+
+
+if __name__ == "__main__":
+    main()
