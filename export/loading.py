@@ -145,6 +145,9 @@ def load_model(model: Optional[str] = None, verbose: bool = True) -> LoadedModel
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     path = resolve_model_dir(model, verbose=verbose)
     cfg = check_model_dir(path)
     try:

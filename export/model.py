@@ -69,7 +69,9 @@ class FirstModel(nn.Module):
         self.threshold = float(threshold)
         self.register_buffer("pinned_mask", torch.zeros(self.n_layers, dtype=torch.bool), persistent=False)
         self.set_pinned(pinned)
-        self.routers = nn.ModuleList(Router(self.hidden_size, router_width) for _ in range(self.n_layers))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # untrained routers are the same in every run
+            self.routers = nn.ModuleList(Router(self.hidden_size, router_width) for _ in range(self.n_layers))
         rot = self.base.rotary_emb
         self.register_buffer("inv_freq", rot.inv_freq.detach().clone().float(), persistent=False)
         self.rope_scale = float(getattr(rot, "attention_scaling", 1.0))

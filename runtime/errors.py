@@ -14,6 +14,17 @@ class FirstEdgeError(Exception):
     """An error caused by the user's input, reported as a single clear line."""
 
 
+def quiet_host_libraries():
+    """Silence import-time chatter of host libraries (torchao's optional CUDA kernels, pytree notices)."""
+    import logging
+    import os
+
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def cli_main(fn):
     """Decorate a CLI ``main``: a FirstEdgeError becomes ``error: ...`` on stderr and exit code 2."""
 

@@ -1,0 +1,359 @@
+"""ExecuTorch export (``--target android``): one ``model.pte`` with a prefill method and split decode methods.
+
+Methods (every one lowered to XNNPACK; see docs/executorch.md):
+
+- ``prefill(input_ids int64 [1,T], threshold f32 [1]) -> logits [1,V], router_scores [L], layer_mask bool [L],
+  present.{l}.key, present.{l}.value [1, n_kv, T, head_dim] for every layer`` (DESIGN.md section 2).
+- ``embed(input_ids int64 [1,1], position int64 [1]) -> hidden [1,1,D], cos [1,1,hd], sin [1,1,hd]``
+- ``layer_{l}(hidden, cos, sin, past_key [1,S,n_kv,hd], past_value [1,S,n_kv,hd]) -> hidden, present.key
+  [1,1,n_kv,hd], present.value`` with S = the tokens so far (a dynamic dimension, 1..max_context-1).
+- ``head(hidden [1,1,D]) -> logits [1,V]``
+- constant methods for ExecuTorch's LLM runner: ``get_max_seq_len``, ``get_max_context_len``, ``get_bos_id``,
+  ``get_eos_ids``, ``get_n_layers``, ``get_vocab_size`` (+ ``use_kv_cache``).
+
+KV layout: the runtime owns one buffer per layer, ``[max_context, n_kv, head_dim]`` (sequence-major), so the
+first S positions are one contiguous block that the runtime passes to ``layer_{l}`` as ``[1, S, n_kv, hd]``
+without copying (graph inputs are not memory-planned: ``alloc_graph_input=False``). The layer attends to that
+past plus its own new K/V in registers, and the runtime writes the new entry in place afterwards, so the
+per-token cost grows with the tokens so far and never with max_context, and no step copies a cache. The
+attention is two plain matmuls (grouped-query heads as a block-diagonal query matrix), which XNNPACK runs.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from runtime.errors import FirstEdgeError
+
+from .model import FirstModel, rotate_half
+
+PTE_NAME = "model.pte"
+QUANTIZE = ("none", "8da4w")
+GROUP_SIZE = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# method modules
+class EmbedM(nn.Module):
+    def __init__(self, fm: FirstModel):
+        super().__init__()
+        self.fm = fm
+
+    def forward(self, input_ids, position):
+        h = self.fm.embed(input_ids)
+        cos, sin = self.fm.rope(position.view(1, 1))
+        return h, cos, sin
+
+
+def decode_layer(fm: FirstModel, l: int, h, cos, sin, past_k, past_v):
+    """One decoder layer for one new token against a past of S tokens in [1, S, n_kv, hd] layout."""
+    lay = fm.layers[l]
+    att = lay.self_attn
+    nh, nkv, hd = fm.n_heads, fm.n_kv_heads, fm.head_dim
+    rep = nh // nkv
+    S = past_k.shape[1]
+    x = lay.input_layernorm(h)
+    q = att.q_proj(x).view(nh, hd)
+    k = att.k_proj(x).view(nkv, hd)
+    v = att.v_proj(x).view(nkv, hd)
+    c, s = cos.view(1, hd), sin.view(1, hd)
+    q = q * c + rotate_half(q) * s
+    k = k * c + rotate_half(k) * s
+    eye = torch.eye(nkv, dtype=h.dtype)
+    # block-diagonal queries: qbd[(a, d), (b, r)] = q[b*rep + r, d] if a == b, else 0
+    qg = q.view(nkv, rep, hd).permute(0, 2, 1)  # [nkv, hd, rep]
+    qbd = (qg.unsqueeze(2) * eye.view(nkv, 1, nkv, 1)).reshape(nkv * hd, nh)
+    K2 = past_k.view(S, nkv * hd)
+    V2 = past_v.view(S, nkv * hd)
+    s_past = torch.matmul(K2, qbd).t()  # [nh, S]
+    s_new = (q.view(nkv, rep, hd) * k.view(nkv, 1, hd)).sum(-1).view(nh, 1)
+    p = torch.softmax(torch.cat([s_past, s_new], dim=1) * fm.scaling, dim=-1)  # [nh, S+1]
+    o_all = torch.matmul(p[:, :S], V2)  # [nh, nkv*hd]
+    o = (o_all.view(nkv, rep, nkv, hd) * eye.view(nkv, 1, nkv, 1)).sum(2)  # [nkv, rep, hd]
+    o = o + p[:, S:].view(nkv, rep, 1) * v.view(nkv, 1, hd)
+    h = h + att.o_proj(o.reshape(1, 1, nh * hd))
+    h = h + lay.mlp(lay.post_attention_layernorm(h))
+    return h, k.view(1, 1, nkv, hd), v.view(1, 1, nkv, hd)
+
+
+class LayerM(nn.Module):
+    def __init__(self, fm: FirstModel, l: int):
+        super().__init__()
+        self.fm, self.l = fm, l
+
+    def forward(self, h, cos, sin, past_k, past_v):
+        return decode_layer(self.fm, self.l, h, cos, sin, past_k, past_v)
+
+
+class HeadM(nn.Module):
+    def __init__(self, fm: FirstModel):
+        super().__init__()
+        self.fm = fm
+
+    def forward(self, h):
+        return self.fm.head(h).view(1, -1)
+
+
+def prefill_layer(fm: FirstModel, l: int, h, cos, sin, allowed):
+    """One decoder layer over T prompt tokens (causal), GQA as one batched matmul per KV head group.
+
+    Returns h and this layer's K/V as [1, n_kv, T, hd]; cos/sin are [T, 1, hd], allowed [rep*T, T] bool.
+    """
+    lay = fm.layers[l]
+    att = lay.self_attn
+    nh, nkv, hd = fm.n_heads, fm.n_kv_heads, fm.head_dim
+    rep = nh // nkv
+    T = h.shape[1]
+    x = lay.input_layernorm(h)
+    q = att.q_proj(x).view(T, nh, hd)
+    k = att.k_proj(x).view(T, nkv, hd)
+    v = att.v_proj(x).view(T, nkv, hd)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    qg = q.view(T, nkv, rep, hd).permute(1, 2, 0, 3).reshape(nkv, rep * T, hd)  # rows (r, t) of group b
+    kh = k.permute(1, 0, 2).contiguous()  # [nkv, T, hd]
+    vh = v.permute(1, 0, 2).contiguous()
+    sc = torch.bmm(qg, kh.transpose(1, 2)) * fm.scaling  # [nkv, rep*T, T]
+    sc = sc.masked_fill(allowed.logical_not(), float("-inf"))
+    p = torch.softmax(sc, dim=-1)
+    o = torch.bmm(p, vh)  # [nkv, rep*T, hd]
+    o = o.view(nkv, rep, T, hd).permute(2, 0, 1, 3).reshape(1, T, nh * hd)
+    h = h + att.o_proj(o)
+    h = h + lay.mlp(lay.post_attention_layernorm(h))
+    return h, kh.unsqueeze(0), vh.unsqueeze(0)
+
+
+class PrefillM(nn.Module):
+    """DESIGN.md section 2 prefill: every layer on every prompt token, router scores, threshold mask."""
+
+    def __init__(self, fm: FirstModel):
+        super().__init__()
+        self.fm = fm
+
+    def forward(self, input_ids, threshold):
+        fm = self.fm
+        T = input_ids.shape[1]
+        pos = torch.arange(T, dtype=torch.int64)
+        cos, sin = fm.rope(pos.unsqueeze(0))
+        cos, sin = cos.view(T, 1, fm.head_dim), sin.view(T, 1, fm.head_dim)
+        allowed = (pos.unsqueeze(0) <= pos.unsqueeze(1)).repeat(fm.n_heads // fm.n_kv_heads, 1)
+        h = fm.embed(input_ids)
+        scores, kv = [], []
+        for l in range(fm.n_layers):
+            scores.append(fm.router_probs(l, h).mean(dim=1))
+            h, k, v = prefill_layer(fm, l, h, cos, sin, allowed)
+            kv += [k, v]
+        g = torch.cat(scores)
+        mask = torch.logical_or(g >= threshold, fm.pinned_mask)
+        logits = fm.head(h[:, -1:, :])[:, 0]
+        return tuple([logits, g, mask] + kv)
+
+
+def io_names(n_layers: int) -> dict:
+    pre_out = ["logits", "router_scores", "layer_mask"]
+    for l in range(n_layers):
+        pre_out += [f"present.{l}.key", f"present.{l}.value"]
+    return {
+        "prefill": {"inputs": ["input_ids", "threshold"], "outputs": pre_out},
+        "embed": {"inputs": ["input_ids", "position"], "outputs": ["hidden_states", "cos", "sin"]},
+        "layer": {"inputs": ["hidden_states", "cos", "sin", "past_key_values.key", "past_key_values.value"],
+                  "outputs": ["hidden_states", "present.key", "present.value"]},
+        "head": {"inputs": ["hidden_states"], "outputs": ["logits"]},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+def quantize_8da4w(fm: FirstModel) -> FirstModel:
+    """8-bit dynamic activations, 4-bit group-32 weights (torchao) on the decoder and LM-head linears.
+
+    Routers and embeddings stay fp32. Works on a deep copy: the caller's model is the fp32 reference.
+    """
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    q = copy.deepcopy(fm)
+    base = q.hf.get_base_model() if hasattr(q.hf, "get_base_model") else q.hf
+    # untie: the LM head gets its own (quantized) weight, the embedding stays fp32
+    if base.lm_head.weight is base.model.embed_tokens.weight:
+        base.lm_head.weight = nn.Parameter(base.lm_head.weight.detach().clone(), requires_grad=False)
+    cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE))
+
+    def want(mod, fqn):
+        return isinstance(mod, nn.Linear) and "routers" not in fqn and mod.in_features % GROUP_SIZE == 0
+
+    quantize_(q, cfg, filter_fn=want)
+    return q.eval()
+
+
+def _export_all(fm: FirstModel, max_context: int, verbose: bool):
+    from torch.export import Dim, export
+
+    D, nkv, hd = fm.hidden_size, fm.n_kv_heads, fm.head_dim
+    eps = {}
+    t = time.time()
+    T = Dim("T", min=1, max=max_context - 1)
+    ids = torch.randint(0, fm.vocab_size, (1, 5), dtype=torch.int64)
+    eps["prefill"] = export(PrefillM(fm), (ids, torch.tensor([0.5])), dynamic_shapes=({1: T}, None), strict=False)
+    eps["embed"] = export(EmbedM(fm), (torch.zeros(1, 1, dtype=torch.int64), torch.tensor([3], dtype=torch.int64)),
+                          strict=False)
+    S = Dim("S", min=1, max=max_context - 1)
+    h = torch.randn(1, 1, D)
+    cos, sin = fm.rope(torch.tensor([[5]]))
+    pk, pv = torch.randn(1, 5, nkv, hd), torch.randn(1, 5, nkv, hd)
+    for l in range(fm.n_layers):
+        eps[f"layer_{l}"] = export(LayerM(fm, l), (h, cos, sin, pk, pv),
+                                   dynamic_shapes=(None, None, None, {1: S}, {1: S}), strict=False)
+    eps["head"] = export(HeadM(fm), (h,), strict=False)
+    if verbose:
+        print(f"[first-edge] torch.export of {len(eps)} methods: {time.time() - t:.0f}s", file=sys.stderr)
+    return eps
+
+
+def constant_methods(fm: FirstModel, max_context: int, bos_id, eos_ids) -> dict:
+    return {
+        "get_max_seq_len": int(max_context), "get_max_context_len": int(max_context),
+        "get_bos_id": int(bos_id if bos_id is not None else -1), "get_eos_ids": [int(e) for e in eos_ids] or [-1],
+        "get_n_layers": int(fm.n_layers), "get_vocab_size": int(fm.vocab_size), "use_kv_cache": True,
+    }
+
+
+def lower(eps: dict, consts: dict, verbose: bool = True):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    t = time.time()
+    edge = to_edge_transform_and_lower(eps, partitioner=[XnnpackPartitioner()], constant_methods=consts,
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    delegation = delegation_report(edge)
+    prog = edge.to_executorch(ExecutorchBackendConfig(
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False), extract_delegate_segments=True))
+    if verbose:
+        print(f"[first-edge] lowered to XNNPACK: {time.time() - t:.0f}s", file=sys.stderr)
+    return prog, delegation
+
+
+MATMUL_OPS = ("linear", "mm", "bmm", "matmul", "addmm", "convolution")
+
+
+def delegation_report(edge) -> Dict[str, dict]:
+    """Per method: delegated/non-delegated op counts and any linear/matmul left on portable kernels."""
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    rep = {}
+    for name in edge.methods:
+        gm = edge.exported_program(name).graph_module
+        info = get_delegation_info(gm)
+        portable = {}
+        for row in info.delegation_by_operator.values():
+            if row.non_delegated > 0:
+                portable[row.op_type] = row.non_delegated
+        bad = sorted(op for op in portable if any(m in op.split(".")[0].replace("aten_", "").split("_")
+                                                  or op.split(".")[0].endswith(m) for m in MATMUL_OPS))
+        rep[name] = {"delegated_nodes": info.num_delegated_nodes, "portable_nodes": info.num_non_delegated_nodes,
+                     "portable_ops": portable, "portable_matmuls": bad}
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------
+def validate(fm_ref: FirstModel, pte: Path, max_context: int, *, atol: float, n_layers: int,
+             prompts: Optional[List[np.ndarray]] = None, steps: int = 6) -> dict:
+    """Run the .pte with the Python ExecuTorch backend against the PyTorch reference generator."""
+    from runtime.et_backend import EtProgram
+
+    from .generate import TorchBackend
+
+    prog = EtProgram(pte, n_layers=n_layers, max_context=max_context)
+    ref = TorchBackend(fm_ref, max_context=max_context)
+    rng = np.random.default_rng(0)
+    if prompts is None:
+        prompts = [rng.integers(3, fm_ref.vocab_size, size=n).astype(np.int64) for n in (1, 7)]
+    worst = 0.0
+    for ids in prompts:
+        for mask_kind in ("ones", "random"):
+            lr, gr, mr = ref.prefill(ids, 0.5)
+            le, ge, me = prog.prefill(ids, 0.5)
+            worst = max(worst, float(np.abs(lr - le).max()), float(np.abs(gr - ge).max()))
+            if not np.array_equal(mr, me):
+                raise FirstEdgeError(f"ExecuTorch prefill mask {me.astype(int)} differs from PyTorch {mr.astype(int)}")
+            mask = np.ones(n_layers, bool) if mask_kind == "ones" else rng.random(n_layers) < 0.6
+            tok = int(np.argmax(lr))
+            for i in range(steps):
+                a = ref.decode(tok, len(ids) + i, mask)
+                b = prog.decode(tok, len(ids) + i, mask)
+                worst = max(worst, float(np.abs(a - b).max()))
+                tok = int(np.argmax(a))
+    if not worst <= atol:
+        raise FirstEdgeError(f"ExecuTorch graphs disagree with PyTorch: max |diff| {worst:.3g} > {atol:g}")
+    return {"max_abs_diff": worst, "atol": atol}
+
+
+def build_graphs(fm: FirstModel, out_dir, *, quantize: str = "none", max_context: int = 1024, verbose: bool = True,
+                 validate_graphs: bool = True, bos_id=None, eos_ids=(), **opts) -> dict:
+    """Write ``model.pte`` into ``out_dir``, check delegation and parity, return the manifest's graphs section."""
+    if quantize not in QUANTIZE:
+        raise FirstEdgeError(f"--quantize {quantize} is not available for ExecuTorch (choose from {', '.join(QUANTIZE)})")
+    unknown = set(opts) - {"decode_shape"}
+    if unknown:
+        raise FirstEdgeError(f"unknown ExecuTorch export option(s): {', '.join(sorted(unknown))}")
+    if opts.get("decode_shape", "split") != "split":
+        raise FirstEdgeError("ExecuTorch bundles use split decode graphs only (decode_shape=split)")
+    if max_context < 3:
+        raise FirstEdgeError("--max-context must be at least 3")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if bos_id is None or not eos_ids:
+        bos_id = getattr(fm.cfg, "bos_token_id", None) if bos_id is None else bos_id
+        e = getattr(fm.cfg, "eos_token_id", None)
+        eos_ids = eos_ids or ([e] if isinstance(e, int) else list(e or []))
+    src = quantize_8da4w(fm) if quantize == "8da4w" else fm
+    with torch.no_grad():
+        eps = _export_all(src, max_context, verbose)
+        prog, delegation = lower(eps, constant_methods(fm, max_context, bos_id, eos_ids), verbose)
+    bad = {m: d["portable_matmuls"] for m, d in delegation.items() if d["portable_matmuls"]}
+    if bad:
+        raise FirstEdgeError(f"linear/matmul ops were not delegated to XNNPACK: {bad}")
+    pte = out_dir / PTE_NAME
+    with open(pte, "wb") as f:
+        prog.write_to_file(f)
+    if verbose:
+        print(f"[first-edge] wrote {pte} ({pte.stat().st_size / 2**20:.1f} MB) in {time.time() - t0:.0f}s",
+              file=sys.stderr)
+    check = None
+    if validate_graphs:
+        # fp32: against the fp32 reference; 8da4w: against the same quantized model in eager PyTorch
+        atol = 1e-3 if quantize == "none" else float(opts.get("atol", 0.5))
+        with torch.no_grad():
+            check = validate(src, pte, max_context, atol=atol, n_layers=fm.n_layers)
+        if verbose:
+            print(f"[first-edge] ExecuTorch vs PyTorch: max |diff| {check['max_abs_diff']:.2e} (<= {atol:g})",
+                  file=sys.stderr)
+    names = io_names(fm.n_layers)
+    return {
+        "files": [PTE_NAME],
+        "format": "executorch",
+        "backend": "xnnpack",
+        "decode_shape": "split",
+        "methods": {"prefill": "prefill", "embed": "embed", "head": "head",
+                    "layers": [f"layer_{l}" for l in range(fm.n_layers)]},
+        "constant_methods": sorted(constant_methods(fm, max_context, bos_id, eos_ids)),
+        "io": names,
+        "kv_layout": {"buffer": "[max_context, n_kv_heads, head_dim] per layer, sequence-major",
+                      "past": "[1, S, n_kv_heads, head_dim]", "present_decode": "[1, 1, n_kv_heads, head_dim]",
+                      "present_prefill": "[1, n_kv_heads, T, head_dim]"},
+        "dtype": "float32",
+        "weights": "8da4w (int8 dynamic activations, int4 weights, group 32; embeddings and routers fp32)"
+        if quantize == "8da4w" else "float32",
+        "delegation": {m: {"delegated_nodes": d["delegated_nodes"], "portable_ops": d["portable_ops"]}
+                       for m, d in delegation.items()},
+        "validation": check,
+    }

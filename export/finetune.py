@@ -1,0 +1,555 @@
+"""Router finetuning (FiRST): frozen base model, routers trained through the mixed forward.
+
+    python -m export.finetune --data DIR --out runs/NAME [--model DIR] [--preset quick|full] [--lora]
+                              [--tasks qa,translate,...] [--resume]
+
+Recipe (DESIGN.md section 1; docs/finetuning.md):
+- loss = ce * cross-entropy of the completion tokens
+       + kd * distillation toward the base model's own next-token distribution (top-k, cached)
+       + latency: lam * relu(mean gate - target_keep)  (or lam * mean gate without a target);
+- phase "soft": gate[l] = g[l] (the prompt-mean router score); phase "hard": gate[l] = 1[g[l] >= tau]
+  with a straight-through estimator, so training sees what inference does;
+- optional phase "lora" (--lora): peft LoRA adapters on the attention/MLP projections trained
+  together with the routers (full mixed forward, since LoRA changes the prompt path too).
+
+Speed on CPU: the base is frozen, so the prompt's hidden states and K/V at every layer do not depend
+on the routers. They are computed once per example (bf16, memory-mapped under ``<out>/cache``) with
+the base model's top-k next-token distribution at the completion positions; the router phases then
+run only the completion tokens, which attend to the cached prompt K/V at every layer, exactly as in
+the generator's decode. Output: ``routers.safetensors`` + ``routers.json`` (config, base-model
+identity, training summary) and, with --lora, ``lora/`` in peft format; ``train_log.jsonl``;
+``checkpoint.pt`` for --resume.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from runtime.errors import FirstEdgeError, cli_main
+
+from .data import Encoder, end_of_turn_id, load_split, mix_tasks, resolve_tasks
+from .model import FirstModel, build_first_model
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    per_task: int = 48               # training records per task (0 = all)
+    max_prompt_tokens: int = 256
+    max_completion_tokens: int = 32
+    batch_size: int = 8
+    soft_steps: int = 60
+    hard_steps: int = 90
+    lora_steps: int = 0              # only with --lora
+    lr: float = 1e-2                 # routers
+    lora_lr: float = 5e-4
+    lora_r: int = 8
+    ce: float = 0.5                  # weight of the completion cross-entropy
+    kd: float = 1.0                  # weight of the distillation term
+    kd_topk: int = 32
+    lam: float = 2.0                 # latency weight
+    target_keep: Optional[float] = 0.7   # fraction of layers kept the latency term aims at (None: lam * mean gate)
+    tau: float = 0.5                 # hard-gate threshold (= the runtime default threshold)
+    bf16: bool = True                # bf16 autocast for the frozen model's matmuls
+    seed: int = 0
+    save_every: int = 25
+
+    @property
+    def total_steps(self) -> int:
+        return self.soft_steps + self.hard_steps + self.lora_steps
+
+
+PRESETS: Dict[str, dict] = {
+    # <= 15 minutes on 2 CPU cores including the prompt cache (measured: see docs/finetuning.md)
+    "quick": dict(per_task=48, max_prompt_tokens=256, max_completion_tokens=32, batch_size=8,
+                  soft_steps=60, hard_steps=90, lora_steps=30),
+    # the documented full run (hours on 2 cores)
+    "full": dict(per_task=250, max_prompt_tokens=384, max_completion_tokens=48, batch_size=16,
+                 soft_steps=300, hard_steps=600, lora_steps=200),
+    # for tests
+    "tiny": dict(per_task=4, max_prompt_tokens=64, max_completion_tokens=8, batch_size=4,
+                 soft_steps=3, hard_steps=3, lora_steps=2, save_every=2, kd_topk=8),
+}
+
+
+def autocast(cfg: TrainConfig):
+    if cfg.bf16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------ prompt cache
+class PromptCache:
+    """Per example: prompt hidden states entering each layer and the prompt K/V of each layer
+    ([Tp, L, D + 2*kv*hd], bf16 bits in a memory-mapped file), the completion ids, and the base
+    model's top-k log-probabilities at the completion positions."""
+
+    def __init__(self, folder: Path, fm: FirstModel):
+        self.folder = Path(folder)
+        self.L, self.D = fm.n_layers, fm.hidden_size
+        self.kvd = fm.n_kv_heads * fm.head_dim
+        self.F = self.D + 2 * self.kvd
+        self.meta = None
+        self.arr = None
+
+    def exists(self, key: str) -> bool:
+        m = self.folder / "meta.json"
+        if not m.exists() or not (self.folder / "states.bin").exists():
+            return False
+        try:
+            meta = json.loads(m.read_text())
+        except ValueError:
+            return False
+        return meta.get("key") == key and meta.get("complete") is True
+
+    def open(self):
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        ex = torch.load(self.folder / "examples.pt", weights_only=True)
+        self.examples = ex
+        total = self.meta["tokens"]
+        self.arr = np.memmap(self.folder / "states.bin", dtype=np.int16, mode="r", shape=(total, self.L, self.F))
+        return self
+
+    @torch.no_grad()
+    def build(self, fm: FirstModel, encoded, key: str, cfg: TrainConfig, progress=True):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        total = sum(len(e.prompt_ids) for e in encoded)
+        arr = np.memmap(self.folder / "states.bin", dtype=np.int16, mode="w+", shape=(total, self.L, self.F))
+        examples = []
+        off = 0
+        it = encoded
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(encoded, desc="caching prompt states", unit="ex", file=sys.stderr, dynamic_ncols=True)
+        for e in it:
+            P, C = e.prompt_ids, e.completion_ids
+            Tp = len(P)
+            ids = torch.tensor([P + C[:-1]], dtype=torch.int64)
+            pos = torch.arange(ids.shape[1], dtype=torch.int64).unsqueeze(0)
+            with autocast(cfg):
+                cos, sin = fm.rope(pos)
+                h = fm.embed(ids)
+                rows = torch.empty(Tp, self.L, self.F, dtype=torch.bfloat16)
+                for l in range(self.L):
+                    rows[:, l, :self.D] = h[0, :Tp].to(torch.bfloat16)
+                    h, k, v = fm.layer(l, h, cos, sin)
+                    rows[:, l, self.D:self.D + self.kvd] = k[0, :, :Tp].transpose(0, 1).reshape(Tp, -1).to(torch.bfloat16)
+                    rows[:, l, self.D + self.kvd:] = v[0, :, :Tp].transpose(0, 1).reshape(Tp, -1).to(torch.bfloat16)
+                logits = fm.head(h[0, Tp:]).float()  # predicts C[1:]
+            lp = torch.log_softmax(logits, -1)
+            top = lp.topk(cfg.kd_topk, dim=-1)
+            arr[off:off + Tp] = rows.view(torch.int16).numpy()
+            examples.append({"off": off, "tp": Tp, "comp": torch.tensor(C, dtype=torch.int64),
+                             "prompt": torch.tensor(P, dtype=torch.int64),
+                             "tidx": top.indices.to(torch.int32), "tlp": top.values.to(torch.float16),
+                             "task": e.record.task})
+            off += Tp
+        arr.flush()
+        del arr
+        torch.save(examples, self.folder / "examples.pt")
+        meta = {"format": CACHE_FORMAT, "key": key, "tokens": total, "n": len(examples), "complete": True}
+        (self.folder / "meta.json").write_text(json.dumps(meta))
+        return self.open()
+
+    def __len__(self):
+        return len(self.examples)
+
+    def batch(self, idx: List[int]):
+        """Padded tensors for the cached router phases."""
+        exs = [self.examples[i] for i in idx]
+        B = len(exs)
+        Tp = max(e["tp"] for e in exs)
+        Tc = max(len(e["comp"]) - 1 for e in exs)
+        K = exs[0]["tidx"].shape[1]
+        states = torch.zeros(B, Tp, self.L, self.F, dtype=torch.bfloat16)
+        pmask = torch.zeros(B, Tp, dtype=torch.bool)
+        cin = torch.zeros(B, Tc, dtype=torch.int64)
+        tgt = torch.zeros(B, Tc, dtype=torch.int64)
+        tmask = torch.zeros(B, Tc, dtype=torch.bool)
+        tidx = torch.zeros(B, Tc, K, dtype=torch.int64)
+        tlp = torch.full((B, Tc, K), -1e4, dtype=torch.float32)
+        tps = torch.zeros(B, dtype=torch.int64)
+        for i, e in enumerate(exs):
+            tp, c = e["tp"], e["comp"]
+            n = len(c) - 1
+            states[i, :tp] = torch.from_numpy(np.array(self.arr[e["off"]:e["off"] + tp])).view(torch.bfloat16)
+            pmask[i, :tp] = True
+            cin[i, :n] = c[:-1]
+            tgt[i, :n] = c[1:]
+            tmask[i, :n] = True
+            tidx[i, :n] = e["tidx"].long()
+            tlp[i, :n] = e["tlp"].float()
+            tps[i] = tp
+        return dict(states=states, pmask=pmask, cin=cin, tgt=tgt, tmask=tmask, tidx=tidx, tlp=tlp, tps=tps)
+
+
+# ------------------------------------------------------------------ forward passes
+def router_scores_cached(fm: FirstModel, states: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
+    """g [B, L]: prompt-mean router score of every layer from the cached hidden states (fp32)."""
+    D = fm.hidden_size
+    pm = pmask.float()
+    denom = pm.sum(1).clamp_min(1.0)
+    gs = []
+    for l in range(fm.n_layers):
+        p = fm.router_probs(l, states[:, :, l, :D].float())
+        gs.append((p * pm).sum(1) / denom)
+    return torch.stack(gs, 1)
+
+
+def layer_with_prompt_cache(fm: FirstModel, l: int, h, cos, sin, pk, pv, attn_mask):
+    """Decoder layer l over completion positions h [B, Tc, D] attending to the cached prompt K/V
+    (pk, pv [B, kv, Tp, hd], padded) and causally to themselves; ``attn_mask`` [B, 1, Tc, Tp + Tc].
+    The same math as ``FirstModel.layer`` with a past, plus a key-padding mask."""
+    lay = fm.layers[l]
+    att = lay.self_attn
+    B, T, _ = h.shape
+    x = lay.input_layernorm(h)
+    q = att.q_proj(x).view(B, T, fm.n_heads, fm.head_dim).transpose(1, 2)
+    k = att.k_proj(x).view(B, T, fm.n_kv_heads, fm.head_dim).transpose(1, 2)
+    v = att.v_proj(x).view(B, T, fm.n_kv_heads, fm.head_dim).transpose(1, 2)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    from .model import rotate_half
+
+    q = q * c + rotate_half(q) * s
+    k = k * c + rotate_half(k) * s
+    kk = torch.cat([pk.to(k.dtype), k], dim=2)
+    vv = torch.cat([pv.to(v.dtype), v], dim=2)
+    rep = fm.n_heads // fm.n_kv_heads
+    if rep > 1:
+        S = kk.shape[2]
+        kk = kk[:, :, None].expand(B, fm.n_kv_heads, rep, S, fm.head_dim).reshape(B, fm.n_heads, S, fm.head_dim)
+        vv = vv[:, :, None].expand(B, fm.n_kv_heads, rep, S, fm.head_dim).reshape(B, fm.n_heads, S, fm.head_dim)
+    o = F.scaled_dot_product_attention(q, kk, vv.to(q.dtype), attn_mask=attn_mask, scale=fm.scaling)
+    o = o.transpose(1, 2).reshape(B, T, fm.n_heads * fm.head_dim)
+    h = h + att.o_proj(o)
+    h = h + lay.mlp(lay.post_attention_layernorm(h))
+    return h
+
+
+def make_gate_fn(phase: str, tau: float):
+    def gate(g: torch.Tensor) -> torch.Tensor:
+        if phase == "soft":
+            return g
+        hard = (g >= tau).to(g.dtype)
+        return hard + g - g.detach()  # straight-through: forward hard, gradient of g
+
+    return gate
+
+
+def cached_forward(fm: FirstModel, b: dict, gate_fn, pinned: Optional[torch.Tensor] = None):
+    """Completion-only forward of the router phases. Returns (logits [B, Tc, V], g [B, L], gates [B, L])."""
+    states, pmask = b["states"], b["pmask"]
+    B, Tp = pmask.shape
+    Tc = b["cin"].shape[1]
+    L, D, kvd = fm.n_layers, fm.hidden_size, fm.n_kv_heads * fm.head_dim
+    g = router_scores_cached(fm, states, pmask)
+    gates = gate_fn(g)
+    if pinned is not None and bool(pinned.any()):
+        gates = torch.where(pinned.view(1, L), torch.ones_like(gates), gates)
+    pos = b["tps"].view(B, 1) + torch.arange(Tc).view(1, Tc)
+    cos, sin = fm.rope(pos)
+    allowed = torch.cat([pmask.view(B, 1, Tp).expand(B, Tc, Tp),
+                         torch.ones(Tc, Tc, dtype=torch.bool).tril().view(1, Tc, Tc).expand(B, Tc, Tc)], 2)
+    allowed = allowed.unsqueeze(1)
+    h = fm.embed(b["cin"])
+    for l in range(L):
+        pk = states[:, :, l, D:D + kvd].view(B, Tp, fm.n_kv_heads, fm.head_dim).transpose(1, 2)
+        pv = states[:, :, l, D + kvd:].view(B, Tp, fm.n_kv_heads, fm.head_dim).transpose(1, 2)
+        out = layer_with_prompt_cache(fm, l, h, cos, sin, pk, pv, allowed)
+        gl = gates[:, l].to(out.dtype).view(B, 1, 1)
+        h = h + gl * (out - h)
+    return fm.head(h), g, gates
+
+
+def losses(logits, b, gates, cfg: TrainConfig):
+    lp = torch.log_softmax(logits.float(), -1)
+    m = b["tmask"]
+    n = m.sum().clamp_min(1)
+    ce = -(lp.gather(-1, b["tgt"].unsqueeze(-1)).squeeze(-1) * m).sum() / n
+    tp = torch.softmax(b["tlp"], -1)  # teacher top-k, renormalised
+    kd_ce = -(tp * lp.gather(-1, b["tidx"])).sum(-1)
+    t_ent = -(tp * torch.log(tp.clamp_min(1e-12))).sum(-1)
+    kd = ((kd_ce - t_ent) * m).sum() / n  # KL(teacher_topk || student)
+    keep = gates.mean()
+    if cfg.target_keep is None:
+        lat = cfg.lam * keep
+    else:
+        lat = cfg.lam * F.relu(keep - cfg.target_keep)
+    total = cfg.ce * ce + cfg.kd * kd + lat
+    return total, {"loss": float(total), "ce": float(ce), "kd": float(kd), "lat": float(lat)}
+
+
+# ------------------------------------------------------------------ LoRA phase (full mixed forward)
+def lora_batch(cache: PromptCache, idx: List[int]):
+    b = cache.batch(idx)
+    exs = [cache.examples[i] for i in idx]
+    B = len(exs)
+    S = max(e["tp"] + len(e["comp"]) - 1 for e in exs)
+    ids = torch.zeros(B, S, dtype=torch.int64)
+    pmask = torch.zeros(B, S, dtype=torch.bool)
+    sel = torch.zeros(B, b["cin"].shape[1], dtype=torch.int64)
+    for i, e in enumerate(exs):
+        tp = e["tp"]
+        c = e["comp"]
+        ids[i, :tp] = e["prompt"]
+        ids[i, tp:tp + len(c) - 1] = c[:-1]
+        pmask[i, :tp] = True
+        sel[i] = (tp + torch.arange(b["cin"].shape[1])).clamp_max(S - 1)
+    b.update(full_ids=ids, full_pmask=pmask, sel=sel)
+    return b
+
+
+def attach_trainable_lora(fm: FirstModel, r: int):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover
+        raise FirstEdgeError("--lora needs the 'peft' package") from e
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    conf = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, bias="none")
+    fm.hf = get_peft_model(fm.hf, conf)
+    return [p for n, p in fm.hf.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+# ------------------------------------------------------------------ training loop
+def _batch_indices(n: int, bs: int, seed: int, step: int) -> List[int]:
+    """Deterministic per step (so a resumed run sees the same batches as an uninterrupted one)."""
+    epoch, k = divmod((step - 1) * bs, max(n, 1))
+    order = list(range(n))
+    random.Random(seed * 1000003 + epoch).shuffle(order)
+    order = order + order  # wrap around at the epoch end
+    return order[k:k + min(bs, n)]
+
+
+def phase_of(step: int, cfg: TrainConfig) -> str:
+    if step <= cfg.soft_steps:
+        return "soft"
+    if step <= cfg.soft_steps + cfg.hard_steps:
+        return "hard"
+    return "lora"
+
+
+def config_key(cfg: TrainConfig, fm: FirstModel, data_dir: str, tasks: List[str]) -> str:
+    keyed = {k: getattr(cfg, k) for k in ("per_task", "max_prompt_tokens", "max_completion_tokens", "kd_topk", "seed", "bf16")}
+    keyed.update(data=str(Path(data_dir).resolve()), tasks=tasks, base=fm.identity())
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks=None, lora: bool = False,
+          resume: bool = False, stop_after: Optional[int] = None, progress: bool = True, verbose: bool = True,
+          fm: Optional[FirstModel] = None, tok=None) -> dict:
+    """Train routers (and LoRA); returns the summary also written into routers.json."""
+    t_start = time.time()
+    out = Path(out)
+    if not lora:
+        cfg.lora_steps = 0
+    tasks = resolve_tasks(data_dir, tasks)
+    ckpt_file = out / "checkpoint.pt"
+    if out.exists() and any(out.iterdir()) and not resume and (out / "routers.json").exists():
+        raise FirstEdgeError(f"{out} already holds a trained run; use --resume to continue it or choose another --out")
+    if resume and not ckpt_file.exists():
+        raise FirstEdgeError(f"nothing to resume in {out} (no checkpoint.pt)")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    if fm is None:
+        fm, tok = build_first_model(model, None, verbose=verbose)
+    for p in fm.hf.parameters():
+        p.requires_grad_(False)
+    encoder = Encoder(tok, end_of_turn_id(tok, fm.cfg), cfg.max_prompt_tokens, cfg.max_completion_tokens)
+    recs = mix_tasks(load_split(data_dir, "train", tasks), cfg.per_task or None, seed=cfg.seed)
+    encoded = [e for e in (encoder(r) for r in recs) if len(e.completion_ids) >= 2]
+    if not encoded:
+        raise FirstEdgeError(f"no usable training records in {data_dir} (completions are empty)")
+    key = config_key(cfg, fm, data_dir, tasks)
+    cache = PromptCache(out / "cache", fm)
+    fm.eval()
+    t0 = time.time()
+    if cache.exists(key):
+        cache.open()
+        if verbose:
+            print(f"[finetune] reusing the prompt cache in {cache.folder} ({len(cache)} examples)", file=sys.stderr)
+    else:
+        if verbose:
+            print(f"[finetune] {len(encoded)} examples from {', '.join(tasks)}; caching prompt states once",
+                  file=sys.stderr)
+        cache.build(fm, encoded, key, cfg, progress=progress)
+    cache_s = time.time() - t0
+
+    params = list(fm.routers.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    start = 1
+    lora_params: List[torch.nn.Parameter] = []
+    lora_opt = None
+    state = None
+    if resume:
+        state = torch.load(ckpt_file, weights_only=False)
+        if state.get("key") != key:
+            raise FirstEdgeError(f"{ckpt_file} was written for other data or settings; start a new --out")
+        fm.routers.load_state_dict(state["routers"])
+        opt.load_state_dict(state["opt"])
+        start = int(state["step"]) + 1
+        if verbose:
+            print(f"[finetune] resuming {out} at step {start}", file=sys.stderr)
+    log_path = out / "train_log.jsonl"
+    if not resume and log_path.exists():
+        log_path.unlink()
+
+    def ensure_lora():
+        nonlocal lora_params, lora_opt
+        if lora_opt is None:
+            lora_params = attach_trainable_lora(fm, cfg.lora_r)
+            lora_opt = torch.optim.Adam([{"params": lora_params, "lr": cfg.lora_lr},
+                                         {"params": params, "lr": cfg.lr * 0.1}])
+            if state is not None and state.get("lora") is not None:
+                sd = dict(fm.hf.named_parameters())
+                for n, v in state["lora"].items():
+                    sd[n].data.copy_(v)
+                lora_opt.load_state_dict(state["lora_opt"])
+
+    def save_ckpt(step):
+        st = {"step": step, "key": key, "routers": fm.routers.state_dict(), "opt": opt.state_dict(),
+              "cfg": asdict(cfg), "lora": None}
+        if lora_opt is not None:
+            st["lora"] = {n: p.detach().clone() for n, p in fm.hf.named_parameters() if "lora_" in n}
+            st["lora_opt"] = lora_opt.state_dict()
+        tmp = ckpt_file.with_suffix(".tmp")
+        torch.save(st, tmp)
+        os.replace(tmp, ckpt_file)
+
+    total = cfg.total_steps
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start - 1, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
+    last = {}
+    t_train = time.time()
+    fm.train(False)
+    for step in range(start, total + 1):
+        phase = phase_of(step, cfg)
+        idx = _batch_indices(len(cache), cfg.batch_size, cfg.seed, step)
+        gate_fn = make_gate_fn(phase, cfg.tau)
+        if phase == "lora":
+            ensure_lora()
+            b = lora_batch(cache, idx)
+            with autocast(cfg):
+                logits, g, gates = fm.mixed_forward(b["full_ids"], b["full_pmask"], gate_fn=lambda l, gl: gate_fn(gl))
+            logits = logits.gather(1, b["sel"].unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+            loss, parts = losses(logits, b, gates, cfg)
+            lora_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            lora_opt.step()
+        else:
+            b = cache.batch(idx)
+            with autocast(cfg):
+                logits, g, gates = cached_forward(fm, b, gate_fn, fm.pinned_mask)
+            loss, parts = losses(logits, b, gates, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        hard_kept = float((g.detach() >= cfg.tau).float().sum(1).mean())
+        parts.update(step=step, phase=phase, gate=float(gates.detach().mean()),
+                     skipped=round(fm.n_layers - float(gates.detach().sum(1).mean()), 3),
+                     skipped_at_tau=round(fm.n_layers - hard_kept, 3))
+        last = parts
+        with open(log_path, "a") as f:
+            f.write(json.dumps(parts) + "\n")
+        if bar is not None:
+            bar.set_postfix(phase=phase, loss=f"{parts['loss']:.3f}", gate=f"{parts['gate']:.3f}",
+                            skipped=f"{parts['skipped']:.1f}")
+            bar.update(1)
+        if step % cfg.save_every == 0 or step == total or step == cfg.soft_steps + cfg.hard_steps:
+            save_ckpt(step)
+        if stop_after is not None and step >= stop_after:
+            save_ckpt(step)
+            if bar is not None:
+                bar.close()
+            return {"stopped_at": step}
+    if bar is not None:
+        bar.close()
+    train_s = time.time() - t_train
+    summary = {"steps": total, "final": last, "cache_s": round(cache_s, 1), "train_s": round(train_s, 1),
+               "total_s": round(time.time() - t_start, 1), "examples": len(cache), "tasks": tasks,
+               "data": str(data_dir), "config": asdict(cfg)}
+    extra = {"lora": bool(lora_opt is not None), "model_dir": str(Path(model).resolve()) if model else None,
+             "train": summary}
+    if lora_opt is not None:
+        fm.hf.save_pretrained(str(out / "lora"))
+        base = fm.hf.get_base_model()
+        fm.save_routers(out, extra=extra)
+        fm.hf = fm.hf.merge_and_unload() if hasattr(fm.hf, "merge_and_unload") else base
+    else:
+        fm.save_routers(out, extra=extra)
+    for p in fm.routers.parameters():
+        p.requires_grad_(False)
+    if verbose:
+        print(f"[finetune] wrote {out}/routers.safetensors{' and lora/' if lora_opt is not None else ''} "
+              f"in {summary['total_s']:.0f} s (cache {cache_s:.0f} s, training {train_s:.0f} s); final: "
+              f"loss {last.get('loss', float('nan')):.3f}, layers skipped at tau={cfg.tau}: "
+              f"{last.get('skipped_at_tau', 0):.1f}/{fm.n_layers}", file=sys.stderr)
+    return summary
+
+
+@cli_main
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m export.finetune", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="task data folder (one sub-folder per task with train.jsonl)")
+    ap.add_argument("--out", required=True, help="run folder to write (e.g. runs/quick)")
+    ap.add_argument("--model", help="local Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    ap.add_argument("--tasks", default="all", help="comma-separated task folders, or 'all'")
+    ap.add_argument("--lora", action="store_true", help="add a LoRA phase (peft adapters trained with the routers)")
+    ap.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--keep-cache", action="store_true", help="keep <out>/cache (prompt states) after training")
+    ap.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    for f in TrainConfig.__dataclass_fields__.values():
+        if f.name == "bf16":
+            continue
+        typ = int if isinstance(f.default, int) and not isinstance(f.default, bool) else float
+        ap.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None,
+                        help=f"override the preset's {f.name}")
+    ap.add_argument("--fp32", action="store_true", help="no bf16 autocast (slower)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(**PRESETS[args.preset])
+    for f in TrainConfig.__dataclass_fields__:
+        v = getattr(args, f, None)
+        if v is not None and f != "bf16":
+            setattr(cfg, f, v)
+    if args.target_keep is not None and args.target_keep < 0:
+        cfg.target_keep = None  # a negative value selects the plain lam * mean-gate penalty
+    if args.fp32:
+        cfg.bf16 = False
+    if cfg.batch_size < 1 or cfg.total_steps < 1:
+        raise FirstEdgeError("batch size and steps must be at least 1")
+    summary = train(args.model, args.data, args.out, cfg, tasks=args.tasks, lora=args.lora, resume=args.resume,
+                    stop_after=args.stop_after, progress=not args.no_progress)
+    if "stopped_at" not in summary and not args.keep_cache:
+        import shutil
+
+        shutil.rmtree(Path(args.out) / "cache", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""ONNX export for the Raspberry Pi / ONNX Runtime target (DESIGN.md section 2).
+
+The graphs are written directly with ``onnx.helper`` from the PyTorch weights of the FiRST model
+(as onnxruntime-genai's model builder does), using ONNX Runtime's fused CPU operators:
+
+* ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (RMSNorm, residual add),
+* ``GroupQueryAttention`` (com.microsoft) with packed QKV, rotary embedding inside the op at the
+  token's absolute position (``position_ids``) and, in decode, a KV buffer shared between
+  ``past_key_values.{l}.*`` and ``present.{l}.*`` (ONNX Runtime writes the new entry in place),
+* ``MatMulNBits`` (com.microsoft) for the int8 / int4 weight builds.
+
+Graphs written into the bundle:
+
+``prefill.onnx``   every layer over the prompt: logits (last position), router scores, the layer mask
+                   for the ``threshold`` input, every layer's K/V for the prompt.
+``decode.onnx``    fused decode shape: one ``If`` per layer on ``layer_mask[l]`` (skipped layers run no
+                   node; ONNX Runtime executes only the taken branch).
+``embed.onnx``, ``layer_{l}.onnx``, ``head.onnx``   split decode shape: the runtime calls only the kept
+                   layers (the shape NPU providers need).
+
+Before anything is returned every graph is checked against the PyTorch reference (prefill outputs
+and a few decode steps under an all-ones and a mixed mask), as Optimum's export validation does; a
+mismatch raises :class:`FirstEdgeError`.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from runtime.errors import FirstEdgeError
+
+OPSET = 17
+MS = "com.microsoft"
+DECODE_SHAPES = ("fused", "split", "both")
+DEFAULT_DECODE_SHAPE = "fused"  # measured faster on the 2-core CPU (docs/onnx.md)
+BLOCK_SIZE = 32
+QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
+PARITY_ATOL = 1e-3
+ROUTER_EPS = 1e-6
+F32 = TensorProto.FLOAT
+I64 = TensorProto.INT64
+I32 = TensorProto.INT32
+BOOL = TensorProto.BOOL
+
+
+# ------------------------------------------------------------------ weights
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).cpu().numpy()
+
+
+class Weights:
+    """Plain numpy copies of everything the graphs need (LoRA already merged by build_first_model)."""
+
+    def __init__(self, fm, max_context: int):
+        self.L, self.D = fm.n_layers, fm.hidden_size
+        self.H, self.KV, self.hd = fm.n_heads, fm.n_kv_heads, fm.head_dim
+        self.V = fm.vocab_size
+        self.max_context = int(max_context)
+        base = fm.base
+        self.eps = float(getattr(fm.cfg, "rms_norm_eps", 1e-6))
+        self.embed = _np(base.embed_tokens.weight)
+        head_w = fm.hf.get_base_model().lm_head.weight if hasattr(fm.hf, "get_base_model") else fm.hf.lm_head.weight
+        self.tied = head_w.data_ptr() == base.embed_tokens.weight.data_ptr()
+        self.lm_head = self.embed if self.tied else _np(head_w)
+        self.lm_head_bias = None
+        self.norm = _np(base.norm.weight)
+        self.layers = []
+        for lay in fm.layers:
+            a, m = lay.self_attn, lay.mlp
+            qkv_w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], 0)
+            qkv_b = None
+            if a.q_proj.bias is not None:
+                qkv_b = _np(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], 0))
+            self.layers.append({
+                "ln1": _np(lay.input_layernorm.weight), "ln2": _np(lay.post_attention_layernorm.weight),
+                "qkv": (_np(qkv_w), qkv_b),
+                "o": (_np(a.o_proj.weight), None if a.o_proj.bias is None else _np(a.o_proj.bias)),
+                "gate": (_np(m.gate_proj.weight), None if m.gate_proj.bias is None else _np(m.gate_proj.bias)),
+                "up": (_np(m.up_proj.weight), None if m.up_proj.bias is None else _np(m.up_proj.bias)),
+                "down": (_np(m.down_proj.weight), None if m.down_proj.bias is None else _np(m.down_proj.bias)),
+            })
+        self.routers = [{"fc1": (_np(r.fc1.weight), _np(r.fc1.bias)), "fc2": (_np(r.fc2.weight), _np(r.fc2.bias))}
+                        for r in fm.routers]
+        self.pinned = np.asarray(fm.pinned_mask.cpu().numpy(), dtype=bool)
+        # rotary caches exactly as FirstModel.rope computes them (float32), half head_dim wide
+        pos = torch.arange(self.max_context, dtype=torch.float32)[:, None]
+        freqs = pos * fm.inv_freq.float()[None, :]
+        self.cos = (freqs.cos() * fm.rope_scale).numpy().astype(np.float32)
+        self.sin = (freqs.sin() * fm.rope_scale).numpy().astype(np.float32)
+        self.scaling = float(fm.scaling)
+
+
+# ------------------------------------------------------------------ int8 / int4 weights
+def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK_SIZE):
+    """Symmetric round-to-nearest per-block quantization of a torch Linear weight [N, K] for MatMulNBits.
+
+    Returns (B uint8 [N, k_blocks, blob], scales float32 [N, k_blocks]); zero point is the default 2^(bits-1).
+    """
+    N, K = w.shape
+    kb = -(-K // block)
+    pad = kb * block - K
+    wp = np.pad(w, ((0, 0), (0, pad))) if pad else w
+    wb = wp.reshape(N, kb, block).astype(np.float32)
+    qmax = 2 ** (bits - 1) - 1
+    amax = np.abs(wb).max(axis=2, keepdims=True)
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    q = np.clip(np.rint(wb / scale), -qmax - 1, qmax).astype(np.int32) + 2 ** (bits - 1)
+    q = q.astype(np.uint8)
+    if bits == 4:
+        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(q), np.ascontiguousarray(scale[..., 0])
+
+
+# ------------------------------------------------------------------ graph building
+class G:
+    """A graph under construction: nodes, initializers, unique names."""
+
+    def __init__(self, bits: Optional[int] = None):
+        self.nodes: List[onnx.NodeProto] = []
+        self.inits: List[onnx.TensorProto] = []
+        self.bits = bits
+        self._n = 0
+
+    def name(self, base: str) -> str:
+        self._n += 1
+        return f"{base}_{self._n}"
+
+    def const(self, name: str, arr: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, domain: str = "", name: Optional[str] = None,
+           outputs: Optional[Sequence[str]] = None, **attrs) -> List[str]:
+        nm = name or self.name(op_type)
+        outs = list(outputs) if outputs is not None else [f"{nm}/out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=nm, domain=domain or None, **attrs))
+        return outs
+
+    def linear(self, x: str, w: np.ndarray, b: Optional[np.ndarray], prefix: str) -> str:
+        """x @ w.T + b for a torch Linear weight w [N, K]."""
+        N, K = w.shape
+        if self.bits is None:
+            y = self.op("MatMul", [x, self.const(prefix + ".weight", np.ascontiguousarray(w.T))], name=prefix)[0]
+        else:
+            q, s = quantize_blockwise(w, self.bits)
+            y = self.op("MatMulNBits", [x, self.const(prefix + ".qweight", q), self.const(prefix + ".scales", s)],
+                        domain=MS, name=prefix, K=K, N=N, bits=self.bits, block_size=BLOCK_SIZE,
+                        accuracy_level=4)[0]
+        if b is not None:
+            y = self.op("Add", [y, self.const(prefix + ".bias", b)], name=prefix + "/bias")[0]
+        return y
+
+    def rmsnorm(self, x: str, w: np.ndarray, eps: float, prefix: str) -> str:
+        return self.op("SimplifiedLayerNormalization", [x, self.const(prefix + ".weight", w)], name=prefix,
+                       axis=-1, epsilon=eps, stash_type=1)[0]
+
+
+def _layer_body(g: G, W: Weights, l: int, h: str, pos_ids: str, seqlens: str, total: str,
+                past_k: Optional[str], past_v: Optional[str], cos: str, sin: str,
+                present_names: Tuple[str, str]) -> str:
+    """One decoder layer (Llama family) with GroupQueryAttention; returns the output hidden name."""
+    p = W.layers[l]
+    pre = f"layers.{l}"
+    x = g.rmsnorm(h, p["ln1"], W.eps, pre + ".input_layernorm")
+    qkv = g.linear(x, *p["qkv"], pre + ".attn.qkv_proj")
+    att = g.op("GroupQueryAttention",
+               [qkv, "", "", past_k or "", past_v or "", seqlens, total, cos, sin, pos_ids],
+               domain=MS, name=pre + ".attn.gqa",
+               outputs=[g.name(pre + ".attn.out"), present_names[0], present_names[1]],
+               num_heads=W.H, kv_num_heads=W.KV, do_rotary=1, rotary_interleaved=0, scale=W.scaling)[0]
+    o = g.linear(att, *p["o"], pre + ".attn.o_proj")
+    x2, _, _, h1 = g.op("SkipSimplifiedLayerNormalization", [o, h, g.const(pre + ".post_attention_layernorm.weight", p["ln2"])],
+                        n_out=4, domain=MS, name=pre + ".post_attention_layernorm", epsilon=W.eps)
+    gate = g.linear(x2, *p["gate"], pre + ".mlp.gate_proj")
+    up = g.linear(x2, *p["up"], pre + ".mlp.up_proj")
+    act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=pre + ".mlp.sigmoid")[0]], name=pre + ".mlp.silu")[0]
+    y = g.linear(g.op("Mul", [act, up], name=pre + ".mlp.mul")[0], *p["down"], pre + ".mlp.down_proj")
+    return g.op("Add", [h1, y], name=pre + ".residual")[0]
+
+
+def _head(g: G, W: Weights, h2d: str, out: str):
+    """logits [1, V] from the last hidden state [1, D]."""
+    x = g.rmsnorm(h2d, W.norm, W.eps, "norm")
+    if g.bits is None and W.tied:
+        g.op("Gemm", [x, g.const("lm_head.weight_tied", W.embed)], name="lm_head", outputs=[out], transB=1)
+    elif g.bits is None:
+        g.op("MatMul", [x, g.const("lm_head.weight", np.ascontiguousarray(W.lm_head.T))], name="lm_head", outputs=[out])
+    else:
+        y = g.linear(x, W.lm_head, None, "lm_head")
+        g.op("Identity", [y], name="lm_head/out", outputs=[out])
+
+
+def _rope_inits(g: G, W: Weights):
+    return g.const("rope.cos_cache", W.cos), g.const("rope.sin_cache", W.sin)
+
+
+def _model(g: G, name: str, inputs, outputs) -> onnx.ModelProto:
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                          producer_name="first-edge")
+    m.ir_version = 9
+    return m
+
+
+def kv_names(l: int):
+    return (f"past_key_values.{l}.key", f"past_key_values.{l}.value", f"present.{l}.key", f"present.{l}.value")
+
+
+def build_prefill(W: Weights, bits: Optional[int]) -> onnx.ModelProto:
+    g = G(bits)
+    cos, sin = _rope_inits(g, W)
+    T = g.op("Shape", ["input_ids"], name="seq_len", start=1, end=2)[0]  # [1] int64
+    T32 = g.op("Cast", [T], name="seq_len_i32", to=I32)[0]
+    seqlens = g.op("Sub", [T32, g.const("one_i32", np.array([1], np.int32))], name="seqlens_k")[0]
+    total = g.op("Squeeze", [T32], name="total_len")[0]
+    pos = g.op("Range", [g.const("zero_i64", np.array(0, np.int64)), g.op("Squeeze", [T], name="T_scalar")[0],
+                         g.const("one_i64", np.array(1, np.int64))], name="positions")[0]
+    pos_ids = g.op("Unsqueeze", [pos, g.const("axes0", np.array([0], np.int64))], name="position_ids")[0]
+    h = g.op("Gather", [g.const("embed_tokens.weight", W.embed), "input_ids"], name="embed_tokens")[0]
+    ones_d = g.const("router.norm_ones", np.ones(W.D, np.float32))
+    scores = []
+    outs = []
+    for l in range(W.L):
+        r = W.routers[l]
+        rp = f"routers.{l}"
+        xn = g.op("SimplifiedLayerNormalization", [h, ones_d], name=rp + ".norm", axis=-1, epsilon=ROUTER_EPS,
+                  stash_type=1)[0]
+        z = g.op("Gemm" if False else "MatMul", [xn, g.const(rp + ".fc1.weight", np.ascontiguousarray(r["fc1"][0].T))],
+                 name=rp + ".fc1")[0]
+        z = g.op("Add", [z, g.const(rp + ".fc1.bias", r["fc1"][1])], name=rp + ".fc1/bias")[0]
+        z = g.op("Mul", [z, g.op("Sigmoid", [z], name=rp + ".sig1")[0]], name=rp + ".silu")[0]
+        z = g.op("MatMul", [z, g.const(rp + ".fc2.weight", np.ascontiguousarray(r["fc2"][0].T))], name=rp + ".fc2")[0]
+        z = g.op("Add", [z, g.const(rp + ".fc2.bias", r["fc2"][1])], name=rp + ".fc2/bias")[0]
+        pr = g.op("Sigmoid", [z], name=rp + ".prob")[0]  # [1, T, 1]
+        scores.append(g.op("ReduceMean", [pr], name=rp + ".mean", keepdims=0)[0])  # scalar
+        _, _, pk, pv = kv_names(l)
+        h = _layer_body(g, W, l, h, pos_ids, seqlens, total, None, None, cos, sin, (pk, pv))
+        outs += [pk, pv]
+    g.op("Concat", [g.op("Unsqueeze", [s, g.const(f"axes0_{i}", np.array([0], np.int64))], name=f"score_{i}")[0]
+                    for i, s in enumerate(scores)], name="router_scores", outputs=["router_scores"], axis=0)
+    ge = g.op("GreaterOrEqual", ["router_scores", "threshold"], name="threshold_mask")[0]
+    g.op("Or", [ge, g.const("pinned_mask", W.pinned)], name="layer_mask", outputs=["layer_mask"])
+    last = g.op("Gather", [h, g.const("last_idx", np.array(-1, np.int64))], name="last_position", axis=1)[0]
+    last = g.op("Reshape", [last, g.const("shape_1xD", np.array([1, W.D], np.int64))], name="last_hidden")[0]
+    _head(g, W, last, "logits")
+    kv = [helper.make_tensor_value_info(n, F32, [1, W.KV, "T", W.hd]) for n in outs]
+    return _model(g, "first_prefill",
+                  [helper.make_tensor_value_info("input_ids", I64, [1, "T"]),
+                   helper.make_tensor_value_info("threshold", F32, [1])],
+                  [helper.make_tensor_value_info("logits", F32, [1, W.V]),
+                   helper.make_tensor_value_info("router_scores", F32, [W.L]),
+                   helper.make_tensor_value_info("layer_mask", BOOL, [W.L])] + kv)
+
+
+def _kv_info(W: Weights, name: str):
+    return helper.make_tensor_value_info(name, F32, [1, W.KV, W.max_context, W.hd])
+
+
+def build_decode_fused(W: Weights, bits: Optional[int]) -> onnx.ModelProto:
+    """One graph; layer l sits in the then-branch of an ``If`` on layer_mask[l]."""
+    g = G(bits)
+    cos, sin = _rope_inits(g, W)
+    pos_ids = g.op("Reshape", ["position", g.const("shape_1x1", np.array([1, 1], np.int64))], name="position_ids")[0]
+    one = g.const("one_i32", np.array([1], np.int32))
+    h = g.op("Gather", [g.const("embed_tokens.weight", W.embed), "input_ids"], name="embed_tokens")[0]
+    ins = [helper.make_tensor_value_info("input_ids", I64, [1, 1]),
+           helper.make_tensor_value_info("position", I64, [1]),
+           helper.make_tensor_value_info("layer_mask", BOOL, [W.L]),
+           helper.make_tensor_value_info("past_lengths", I32, [W.L])]
+    outs = []
+    for l in range(W.L):
+        pk, pv, prk, prv = kv_names(l)
+        ins += [_kv_info(W, pk), _kv_info(W, pv)]
+        idx = g.const(f"layer_idx_{l}", np.array(l, np.int64))
+        cond = g.op("Gather", ["layer_mask", idx], name=f"layers.{l}.keep")[0]
+        seqlens = g.op("Gather", ["past_lengths", g.const(f"layer_idx1_{l}", np.array([l], np.int64))],
+                       name=f"layers.{l}.seqlens_k")[0]
+        total = g.op("Squeeze", [g.op("Add", [seqlens, one], name=f"layers.{l}.total1")[0]], name=f"layers.{l}.total")[0]
+        # then: run the layer (its weights live inside the branch, so ONNX Runtime prepacks them normally)
+        tg = G(bits)
+        t_out = _layer_body(tg, W, l, h, pos_ids, seqlens, total, pk, pv, cos, sin, (f"then{l}/k", f"then{l}/v"))
+        tg.op("Identity", [t_out], name=f"layers.{l}.h_out", outputs=[f"then{l}/h"])
+        then_g = helper.make_graph(tg.nodes, f"layer_{l}_run", [], [
+            helper.make_tensor_value_info(f"then{l}/h", F32, None),
+            helper.make_tensor_value_info(f"then{l}/k", F32, None),
+            helper.make_tensor_value_info(f"then{l}/v", F32, None)], initializer=tg.inits)
+        # else: pass the hidden state through; the KV buffers are handed back untouched (Identity on the
+        # same buffer copies nothing when the output is bound to it)
+        eg = G()
+        eg.op("Identity", [h], name=f"layers.{l}.skip_h", outputs=[f"else{l}/h"])
+        eg.op("Identity", [pk], name=f"layers.{l}.skip_k", outputs=[f"else{l}/k"])
+        eg.op("Identity", [pv], name=f"layers.{l}.skip_v", outputs=[f"else{l}/v"])
+        else_g = helper.make_graph(eg.nodes, f"layer_{l}_skip", [], [
+            helper.make_tensor_value_info(f"else{l}/h", F32, None),
+            helper.make_tensor_value_info(f"else{l}/k", F32, None),
+            helper.make_tensor_value_info(f"else{l}/v", F32, None)])
+        h_new = f"layers.{l}/h"
+        g.nodes.append(helper.make_node("If", [cond], [h_new, prk, prv], name=f"layers.{l}.if",
+                                        then_branch=then_g, else_branch=else_g))
+        h = h_new
+        outs += [_kv_info(W, prk), _kv_info(W, prv)]
+    h2 = g.op("Reshape", [h, g.const("shape_1xD", np.array([1, W.D], np.int64))], name="last_hidden")[0]
+    _head(g, W, h2, "logits")
+    return _model(g, "first_decode_fused", ins, [helper.make_tensor_value_info("logits", F32, [1, W.V])] + outs)
+
+
+def build_split(W: Weights, bits: Optional[int]) -> Dict[str, onnx.ModelProto]:
+    """embed, layer_{l}, head graphs; the runtime calls only the kept layers."""
+    res = {}
+    g = G()
+    g.op("Gather", [g.const("embed_tokens.weight", W.embed), "input_ids"], name="embed_tokens", outputs=["hidden_states"])
+    res["embed"] = _model(g, "first_embed", [helper.make_tensor_value_info("input_ids", I64, [1, 1])],
+                          [helper.make_tensor_value_info("hidden_states", F32, [1, 1, W.D])])
+    for l in range(W.L):
+        g = G(bits)
+        cos, sin = _rope_inits(g, W)
+        pos_ids = g.op("Reshape", ["position", g.const("shape_1x1", np.array([1, 1], np.int64))], name="position_ids")[0]
+        total = g.op("Squeeze", [g.op("Add", ["past_length", g.const("one_i32", np.array([1], np.int32))],
+                                      name="total1")[0]], name="total")[0]
+        pk, pv, prk, prv = kv_names(l)
+        out = _layer_body(g, W, l, "hidden_states", pos_ids, "past_length", total, pk, pv, cos, sin, (prk, prv))
+        g.op("Identity", [out], name="h_out", outputs=["hidden_states_out"])
+        res[f"layer_{l}"] = _model(g, f"first_layer_{l}", [
+            helper.make_tensor_value_info("hidden_states", F32, [1, 1, W.D]),
+            helper.make_tensor_value_info("position", I64, [1]),
+            helper.make_tensor_value_info("past_length", I32, [1]),
+            _kv_info(W, pk), _kv_info(W, pv)], [
+            helper.make_tensor_value_info("hidden_states_out", F32, [1, 1, W.D]),
+            _kv_info(W, prk), _kv_info(W, prv)])
+    g = G(bits)
+    h2 = g.op("Reshape", ["hidden_states", g.const("shape_1xD", np.array([1, W.D], np.int64))], name="last_hidden")[0]
+    _head(g, W, h2, "logits")
+    res["head"] = _model(g, "first_head", [helper.make_tensor_value_info("hidden_states", F32, [1, 1, W.D])],
+                         [helper.make_tensor_value_info("logits", F32, [1, W.V])])
+    return res
+
+
+def save(model: onnx.ModelProto, path: Path) -> List[str]:
+    """Write the graph with its weights in external data (<name>.onnx.data); returns the file names."""
+    data = path.name + ".data"
+    if (path.parent / data).exists():
+        (path.parent / data).unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                    size_threshold=1024, convert_attribute=False)
+    files = [path.name]
+    if (path.parent / data).exists():
+        files.append(data)
+    return files
+
+
+# ------------------------------------------------------------------ validation
+def validate(fm, out_dir: Path, graphs: dict, max_context: int, bits: Optional[int], verbose: bool = True):
+    """Check the written graphs against the PyTorch reference (Optimum-style export validation)."""
+    from export.generate import TorchBackend
+    from runtime.ort_backend import OrtBackend
+    from runtime.loop import SamplingConfig, generate
+
+    shapes = graphs["decode_shapes"]
+    rng = np.random.default_rng(0)
+    T = int(min(12, max_context // 4))
+    ids = rng.integers(3, min(fm.vocab_size, 1000), T).astype(np.int64)
+    L = fm.n_layers
+    mixed = np.ones(L, bool)
+    mixed[1::2] = False
+    mixed[0] = True
+    n_new = int(min(6, max_context - T - 1))
+    cfg = SamplingConfig(max_new_tokens=n_new, ignore_eos=True)
+    fm_thr = fm.threshold
+    problems = []
+    for shape in shapes:
+        be = OrtBackend.from_dir(out_dir, graphs, dims=(L, fm.n_kv_heads, fm.head_dim, fm.vocab_size, max_context),
+                                 decode_shape=shape)
+        for mask in (np.ones(L, bool), mixed):
+            ref = generate(TorchBackend(fm, max_context), ids, cfg, mask=mask, keep_logits=True, default_threshold=fm_thr)
+            got = generate(be, ids, cfg, mask=mask, keep_logits=True, default_threshold=fm_thr)
+            a = np.stack([ref.first_logits] + ref.step_logits)
+            b = np.stack([got.first_logits] + got.step_logits)
+            err = float(np.abs(a - b).max())
+            if bits is None:
+                if not np.allclose(ref.scores, got.scores, atol=1e-4):
+                    problems.append(f"{shape}: router scores differ by {np.abs(ref.scores - got.scores).max():.2e}")
+                if err > PARITY_ATOL * max(1.0, float(np.abs(a).max()) / 10):
+                    problems.append(f"{shape} decode, mask {''.join('1' if m else '0' for m in mask)}: "
+                                    f"logits differ by {err:.2e} (> {PARITY_ATOL})")
+            else:
+                cos = float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+                if not np.isfinite(b).all() or cos < 0.9:
+                    problems.append(f"{shape} int{bits}: logits far from fp32 (cosine {cos:.3f})")
+            if verbose:
+                print(f"[first-edge] validate {shape} mask={''.join('1' if m else '0' for m in mask)}: "
+                      f"max |logits diff| {err:.2e}", file=sys.stderr)
+        # the graph's own threshold mask equals the reference mask rule
+        _, g_ort, m_ort = be.prefill(ids, fm_thr)
+        with torch.inference_mode():
+            _, g_ref, m_ref, _, _ = fm.prefill(torch.from_numpy(ids).view(1, -1), fm_thr)
+        if not np.array_equal(m_ort, m_ref.numpy()) and np.abs(g_ref.numpy() - fm_thr).min() > 1e-4:
+            problems.append(f"{shape}: prefill layer_mask differs from the reference")
+        be.close()
+    if problems:
+        raise FirstEdgeError("ONNX export validation failed: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------ entry point (export/build.py)
+def build_graphs(fm, out_dir, *, quantize: str = "none", max_context: int = 1024, verbose: bool = True,
+                 decode_shape: str = DEFAULT_DECODE_SHAPE, validate_graphs=True, **opts) -> dict:
+    if opts:
+        raise FirstEdgeError(f"unknown option(s) for --target rpi: {', '.join(sorted(opts))} "
+                             f"(known: decode_shape=fused|split|both, validate_graphs=0|1)")
+    if decode_shape not in DECODE_SHAPES:
+        raise FirstEdgeError(f"decode_shape must be one of {', '.join(DECODE_SHAPES)}, got {decode_shape!r}")
+    if quantize not in QUANT_BITS:
+        raise FirstEdgeError(f"--quantize {quantize}: choose none, int8 or int4")
+    if str(validate_graphs) in ("0", "false", "False", "no"):
+        validate_graphs = False
+    bits = QUANT_BITS[quantize]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    W = Weights(fm, max_context)
+    files: List[str] = []
+    files += save(build_prefill(W, bits), out / "prefill.onnx")
+    graphs = {"prefill": "prefill.onnx"}
+    if decode_shape in ("fused", "both"):
+        files += save(build_decode_fused(W, bits), out / "decode.onnx")
+        graphs["decode"] = "decode.onnx"
+    if decode_shape in ("split", "both"):
+        for name, m in build_split(W, bits).items():
+            files += save(m, out / f"{name}.onnx")
+        graphs["split"] = {"embed": "embed.onnx", "layers": [f"layer_{l}.onnx" for l in range(W.L)],
+                           "head": "head.onnx"}
+    res = {
+        "files": files,
+        "decode_shape": decode_shape if decode_shape != "both" else DEFAULT_DECODE_SHAPE,
+        "decode_shapes": ["fused", "split"] if decode_shape == "both" else [decode_shape],
+        **graphs,
+        "kv_layout": "BNSH",
+        "kv_cache": "shared_buffer",  # past_key_values.{l}.* and present.{l}.* are one max_context buffer
+        "inputs": {
+            "prefill": ["input_ids", "threshold"],
+            "decode": ["input_ids", "position", "layer_mask", "past_lengths", "past_key_values.{l}.key",
+                       "past_key_values.{l}.value"],
+            "layer": ["hidden_states", "position", "past_length", "past_key_values.{l}.key",
+                      "past_key_values.{l}.value"],
+        },
+        "outputs": {
+            "prefill": ["logits", "router_scores", "layer_mask", "present.{l}.key", "present.{l}.value"],
+            "decode": ["logits", "present.{l}.key", "present.{l}.value"],
+            "layer": ["hidden_states_out", "present.{l}.key", "present.{l}.value"],
+        },
+        "opset": OPSET,
+        "weights": "float32" if bits is None else f"MatMulNBits int{bits} block {BLOCK_SIZE} symmetric, "
+                                                  f"accuracy_level 4; embeddings float32",
+        "dtype": "float32",
+    }
+    if verbose:
+        print(f"[first-edge] ONNX graphs written in {time.time() - t0:.1f}s ({quantize})", file=sys.stderr)
+    if validate_graphs:
+        t1 = time.time()
+        if bits is not None:
+            # the exact check runs on the fp32 graphs of the same export; the quantized graphs get a sanity check
+            with tempfile.TemporaryDirectory() as td:
+                fp = build_graphs(fm, td, quantize="none", max_context=max_context, verbose=False,
+                                  decode_shape=decode_shape, validate_graphs=True)
+                del fp
+        validate(fm, out, res, max_context, bits, verbose)
+        if verbose:
+            print(f"[first-edge] ONNX graphs match PyTorch ({time.time() - t1:.1f}s)", file=sys.stderr)
+    return res

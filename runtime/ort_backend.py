@@ -1,0 +1,273 @@
+"""ONNX Runtime backend of the generation loop (Raspberry Pi path). numpy + onnxruntime only.
+
+KV cache: one buffer per layer and per K/V, ``[1, n_kv_heads, max_context, head_dim]`` float32,
+allocated once when the bundle is loaded. Each buffer is bound (IO binding, raw pointer: zero copy)
+both as the graph input ``past_key_values.{l}.*`` and as the output ``present.{l}.*``, so the
+GroupQueryAttention operator appends the new token's K/V in place; a skipped layer's buffer is not
+touched. Every layer keeps its own length (``past_lengths``): a layer skipped for a token never gets
+an entry for it. No step copies a cache; the attention reads only the ``length`` valid entries, so
+the per-token cost grows with the tokens so far, not with max_context.
+
+Decode shapes (manifest ``graphs.decode_shape``):
+  fused  one ``decode.onnx`` with an ``If`` per layer; one session call per token.
+  split  ``embed.onnx``, ``layer_{l}.onnx``, ``head.onnx``; only the kept layers' sessions are called.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import FirstEdgeError
+from .masks import check_mask
+
+F32 = np.float32
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:300]
+
+
+class OrtBackend:
+    """Backend protocol of runtime.loop: ``prefill(ids, threshold)`` and ``decode(token, position, mask)``."""
+
+    def __init__(self, bundle, threads: int = 2, decode_shape: Optional[str] = None, profile: Optional[str] = None,
+                 **opts):
+        if opts:
+            raise FirstEdgeError(f"unknown ONNX Runtime backend option(s): {', '.join(sorted(opts))} "
+                                 f"(known: decode_shape=fused|split, profile=DIR)")
+        m = bundle.model
+        dims = (m["n_layers"], m["n_kv_heads"], m["head_dim"], m["vocab_size"], m["max_context"])
+        self._init(bundle.path, bundle.graphs, dims, threads=int(threads), decode_shape=decode_shape, profile=profile)
+
+    @classmethod
+    def from_dir(cls, path, graphs: dict, dims: Tuple[int, int, int, int, int], threads: int = 2,
+                 decode_shape: Optional[str] = None, profile: Optional[str] = None) -> "OrtBackend":
+        """Open graphs without a manifest (export validation)."""
+        self = cls.__new__(cls)
+        self._init(Path(path), graphs, dims, threads=threads, decode_shape=decode_shape, profile=profile)
+        return self
+
+    # ------------------------------------------------------------------ loading
+    def _init(self, path: Path, graphs: dict, dims, threads: int, decode_shape: Optional[str], profile: Optional[str]):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise FirstEdgeError(f"onnxruntime is not installed: {e} (pip install onnxruntime)") from None
+        self.ort = ort
+        self.path = Path(path)
+        L, KV, hd, V, C = (int(d) for d in dims)
+        self.n_layers, self.n_kv, self.head_dim, self.vocab, self.max_context = L, KV, hd, V, C
+        self.threads = threads
+        shapes = graphs.get("decode_shapes") or [graphs.get("decode_shape", "fused")]
+        shape = decode_shape or graphs.get("decode_shape", "fused")
+        if shape not in ("fused", "split"):
+            raise FirstEdgeError(f"decode_shape must be fused or split, got {shape!r}")
+        if shape not in shapes:
+            raise FirstEdgeError(f"this bundle has no {shape} decode graphs (it has: {', '.join(shapes)}); "
+                                 f"rebuild with --opt decode_shape={shape} or both")
+        self.decode_shape = shape
+        self.profile = profile
+        self._sessions = []
+        self.prefill_sess = self._session(graphs.get("prefill", "prefill.onnx"), profile=False)
+        self._check_prefill()
+        # KV buffers: allocated once, written in place by the decode graphs
+        self.k = [np.zeros((1, KV, C, hd), F32) for _ in range(L)]
+        self.v = [np.zeros((1, KV, C, hd), F32) for _ in range(L)]
+        self.lengths = np.zeros(L, np.int32)
+        self._ids = np.zeros((1, 1), np.int64)
+        self._pos = np.zeros(1, np.int64)
+        self._mask = np.ones(L, bool)
+        self._logits = np.zeros((1, V), F32)
+        self._kept: List[int] = list(range(L))
+        self._mask_key = None
+        if shape == "fused":
+            self.decode_sess = self._session(graphs.get("decode", "decode.onnx"), profile=bool(profile))
+            self._check_decode(self.decode_sess, "decode.onnx", range(L))
+            self._bind_fused()
+        else:
+            sp = graphs.get("split") or {}
+            self.embed_sess = self._session(sp.get("embed", "embed.onnx"), profile=bool(profile))
+            layer_files = sp.get("layers") or [f"layer_{l}.onnx" for l in range(L)]
+            if len(layer_files) != L:
+                raise FirstEdgeError(f"bundle dims do not match the graphs: {len(layer_files)} layer graphs for "
+                                     f"n_layers={L}")
+            self.layer_sess = [self._session(f, profile=bool(profile)) for f in layer_files]
+            for l, s in enumerate(self.layer_sess):
+                self._check_decode(s, layer_files[l], [l])
+            self.head_sess = self._session(sp.get("head", "head.onnx"), profile=bool(profile))
+            self._check_logits(self.head_sess, "head.onnx")
+            self._bind_split()
+
+    def _session(self, name: str, profile: bool):
+        ort = self.ort
+        f = self.path / name
+        if not f.is_file():
+            raise FirstEdgeError(f"bundle file missing: {name}")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if profile:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(Path(self.profile) / Path(name).stem)
+        try:
+            s = ort.InferenceSession(str(f), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001  (ORT raises several exception types for a bad file)
+            raise FirstEdgeError(f"cannot load graph {name} (corrupt or truncated?): {_first_line(e)}") from None
+        self._sessions.append(s)
+        return s
+
+    def _mismatch(self, what: str):
+        raise FirstEdgeError(f"bundle dims do not match the graphs: {what}")
+
+    def _check_logits(self, sess, name):
+        out = {o.name: o.shape for o in sess.get_outputs()}
+        if "logits" not in out:
+            self._mismatch(f"{name} has no 'logits' output")
+        if out["logits"][-1] != self.vocab:
+            self._mismatch(f"{name} gives {out['logits'][-1]} logits, the manifest says vocab_size={self.vocab}")
+
+    def _check_prefill(self):
+        s, L = self.prefill_sess, self.n_layers
+        self._check_logits(s, "prefill.onnx")
+        out = {o.name: o.shape for o in s.get_outputs()}
+        if out.get("router_scores") != [L]:
+            self._mismatch(f"prefill.onnx router_scores has shape {out.get('router_scores')}, n_layers={L}")
+        n_kv = sum(1 for n in out if n.startswith("present."))
+        if n_kv != 2 * L:
+            self._mismatch(f"prefill.onnx has {n_kv // 2} layers of K/V outputs, n_layers={L}")
+        shp = out["present.0.key"]
+        if shp[1] != self.n_kv or shp[3] != self.head_dim:
+            self._mismatch(f"prefill.onnx K/V shape {shp} vs n_kv_heads={self.n_kv}, head_dim={self.head_dim}")
+
+    def _check_decode(self, sess, name, layers: Sequence[int]):
+        ins = {i.name: i.shape for i in sess.get_inputs()}
+        want = [1, self.n_kv, self.max_context, self.head_dim]
+        for l in layers:
+            for kv in ("key", "value"):
+                n = f"past_key_values.{l}.{kv}"
+                if n not in ins:
+                    self._mismatch(f"{name} has no input {n} (n_layers={self.n_layers})")
+                if ins[n] != want:
+                    self._mismatch(f"{name} input {n} has shape {ins[n]}, expected {want} "
+                                   f"(n_kv_heads, max_context, head_dim from the manifest)")
+        if "layer_mask" in ins and ins["layer_mask"] != [self.n_layers]:
+            self._mismatch(f"{name} layer_mask has shape {ins['layer_mask']}, n_layers={self.n_layers}")
+        extra = [n for n in ins if n.startswith("past_key_values.") and int(n.split(".")[1]) not in layers]
+        if extra:
+            self._mismatch(f"{name} has K/V inputs for more layers than n_layers={self.n_layers}")
+        if name == "decode.onnx":
+            self._check_logits(sess, name)
+
+    # ------------------------------------------------------------------ IO binding (raw pointers: zero copy)
+    @staticmethod
+    def _bin(binding, name, arr: np.ndarray, output=False):
+        fn = binding.bind_output if output else binding.bind_input
+        fn(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+
+    def _bind_fused(self):
+        b = self.decode_sess.io_binding()
+        self._bin(b, "input_ids", self._ids)
+        self._bin(b, "position", self._pos)
+        self._bin(b, "layer_mask", self._mask)
+        self._bin(b, "past_lengths", self.lengths)
+        for l in range(self.n_layers):
+            self._bin(b, f"past_key_values.{l}.key", self.k[l])
+            self._bin(b, f"past_key_values.{l}.value", self.v[l])
+            self._bin(b, f"present.{l}.key", self.k[l], output=True)
+            self._bin(b, f"present.{l}.value", self.v[l], output=True)
+        self._bin(b, "logits", self._logits, output=True)
+        self._binding = b
+
+    def _bind_split(self):
+        D = self.embed_sess.get_outputs()[0].shape[-1]
+        self._h = [np.zeros((1, 1, D), F32), np.zeros((1, 1, D), F32)]
+        self._len_views = [self.lengths[l:l + 1] for l in range(self.n_layers)]
+        eb = self.embed_sess.io_binding()
+        self._bin(eb, "input_ids", self._ids)
+        self._bin(eb, "hidden_states", self._h[0], output=True)
+        self._embed_b = eb
+        self._layer_b = []
+        for l, s in enumerate(self.layer_sess):
+            b = s.io_binding()
+            self._bin(b, "position", self._pos)
+            self._bin(b, "past_length", self._len_views[l])
+            self._bin(b, f"past_key_values.{l}.key", self.k[l])
+            self._bin(b, f"past_key_values.{l}.value", self.v[l])
+            self._bin(b, f"present.{l}.key", self.k[l], output=True)
+            self._bin(b, f"present.{l}.value", self.v[l], output=True)
+            self._layer_b.append(b)
+        self._head_b = self.head_sess.io_binding()
+        self._bin(self._head_b, "logits", self._logits, output=True)
+        self._chain(list(range(self.n_layers)))
+
+    def _chain(self, kept: List[int]):
+        """Split shape: kept layers read/write the two hidden buffers alternately (once per mask)."""
+        for i, l in enumerate(kept):
+            b = self._layer_b[l]
+            self._bin(b, "hidden_states", self._h[i % 2])
+            self._bin(b, "hidden_states_out", self._h[(i + 1) % 2], output=True)
+        self._bin(self._head_b, "hidden_states", self._h[len(kept) % 2])
+
+    # ------------------------------------------------------------------ Backend protocol
+    def prefill(self, input_ids: np.ndarray, threshold: float):
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+        T = ids.shape[1]
+        if T < 1 or T >= self.max_context:
+            raise FirstEdgeError(f"prompt has {T} tokens; this bundle's context is {self.max_context} tokens")
+        if ids.min() < 0 or ids.max() >= self.vocab:
+            raise FirstEdgeError(f"token id out of range for a vocabulary of {self.vocab}")
+        outs = self.prefill_sess.run(None, {"input_ids": ids, "threshold": np.array([threshold], F32)})
+        names = [o.name for o in self.prefill_sess.get_outputs()]
+        res = dict(zip(names, outs))
+        for l in range(self.n_layers):
+            self.k[l][:, :, :T] = res[f"present.{l}.key"]
+            self.v[l][:, :, :T] = res[f"present.{l}.value"]
+        self.lengths[:] = T
+        return res["logits"][0], res["router_scores"].astype(F32), res["layer_mask"].astype(bool)
+
+    def _set_mask(self, mask) -> None:
+        mask = check_mask(mask, self.n_layers)
+        key = mask.tobytes()
+        if key == self._mask_key:
+            return
+        self._mask_key = key
+        self._mask[:] = mask
+        self._kept = [int(i) for i in np.flatnonzero(mask)]
+        if self.decode_shape == "split":
+            self._chain(self._kept)
+
+    def decode(self, token: int, position: int, mask: np.ndarray) -> np.ndarray:
+        self._set_mask(mask)
+        if not 0 <= position < self.max_context:
+            raise FirstEdgeError(f"position {position} is outside this bundle's context of {self.max_context}")
+        self._ids[0, 0] = token
+        self._pos[0] = position
+        if self.decode_shape == "fused":
+            self.decode_sess.run_with_iobinding(self._binding)
+        else:
+            self.embed_sess.run_with_iobinding(self._embed_b)
+            for l in self._kept:
+                self.layer_sess[l].run_with_iobinding(self._layer_b[l])
+            self.head_sess.run_with_iobinding(self._head_b)
+        self.lengths[self._mask] += 1
+        return self._logits[0]
+
+    # ------------------------------------------------------------------ misc
+    def end_profiling(self) -> List[str]:
+        """Stop profiling (profile=DIR) and return the JSON trace files of the decode session(s)."""
+        sess = [self.decode_sess] if self.decode_shape == "fused" else \
+            [self.embed_sess] + self.layer_sess + [self.head_sess]
+        return [s.end_profiling() for s in sess]
+
+    def close(self):
+        self._sessions.clear()
+        for a in ("prefill_sess", "decode_sess", "embed_sess", "layer_sess", "head_sess", "_binding"):
+            if hasattr(self, a):
+                delattr(self, a)
