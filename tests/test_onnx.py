@@ -1,0 +1,343 @@
+"""ONNX export + ONNX Runtime backend (issue 4): parity with the PyTorch reference, real skipping,
+in-place KV buffers, quantized builds, bad bundles, CLI."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.generate import TorchBackend
+from helpers import VOCAB, randomize_routers, tiny_first
+from runtime.bundle import Bundle, sha256_file
+from runtime.errors import FirstEdgeError
+from runtime.loop import SamplingConfig, generate
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_CTX = 64
+SHAPES = ["fused", "split"]
+
+
+def rand_ids(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, VOCAB, (n,), generator=g).tolist()
+
+
+@pytest.fixture(scope="session")
+def run_dir(tiny_dir, tmp_path_factory):
+    """A run folder with hand-set routers (mixed masks at threshold 0.5) and a pinned layer."""
+    from export.model import build_first_model
+
+    fm, _ = build_first_model(str(tiny_dir), verbose=False)
+    randomize_routers(fm, seed=3)
+    fm.set_pinned([0])
+    d = tmp_path_factory.mktemp("run")
+    fm.save_routers(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def ref_model(tiny_dir, run_dir):
+    from export.model import build_first_model
+
+    return build_first_model(str(tiny_dir), str(run_dir), verbose=False)
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tiny_dir, run_dir, tmp_path_factory):
+    """One fp32 bundle with both decode shapes, built once through export.build."""
+    from export.build import build
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    return build("rpi", out, model=str(tiny_dir), run=str(run_dir), max_context=MAX_CTX, verbose=False,
+                 decode_shape="both")
+
+
+def backend(bundle_dir, shape, **kw):
+    from runtime.ort_backend import OrtBackend
+
+    return OrtBackend(Bundle(bundle_dir), threads=2, decode_shape=shape, **kw)
+
+
+# ---------------------------------------------------------------- bundle layout
+def test_bundle_manifest_lists_graphs_and_hashes(bundle_dir):
+    b = Bundle(bundle_dir)
+    m = b.manifest
+    assert m["runtime"] == "onnxruntime" and m["target"] == "rpi" and m["dtype"] == "float32"
+    g = m["graphs"]
+    assert g["decode_shape"] in ("fused", "split") and sorted(g["decode_shapes"]) == ["fused", "split"]
+    for f in ["prefill.onnx", "decode.onnx", "embed.onnx", "head.onnx", "layer_0.onnx", "tokenizer.json", "report.md"]:
+        assert f in m["files"], f
+        assert sha256_file(Path(bundle_dir) / f) == m["files"][f]
+    assert all(f in m["files"] for f in g["files"])
+    assert m["model"]["max_context"] == MAX_CTX and m["routing"]["pinned"] == [0]
+
+
+# ---------------------------------------------------------------- parity with the PyTorch reference
+def _masks(fm, n):
+    rng = np.random.default_rng(11)
+    yield "ones", [np.ones(fm.n_layers, bool)] * n
+    yield "router", [None] * n  # the graph's own threshold mask (hand-set routers)
+    rnd = []
+    for _ in range(n):
+        m = rng.random(fm.n_layers) < 0.5
+        m[rng.integers(fm.n_layers)] = True
+        rnd.append(m)
+    yield "random", rnd
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_parity_with_reference_generator(bundle_dir, ref_model, shape):
+    fm, _ = ref_model
+    be = backend(bundle_dir, shape)
+    n_prompts = 10
+    cfg = SamplingConfig(max_new_tokens=10, ignore_eos=True)
+    kinds = set()
+    for kind, masks in _masks(fm, n_prompts):
+        for i, mask in enumerate(masks):
+            ids = rand_ids(4 + 3 * i, 100 + i)
+            ref = generate(TorchBackend(fm, MAX_CTX), ids, cfg, mask=mask, pinned=fm.pinned, keep_logits=True,
+                           default_threshold=fm.threshold)
+            got = generate(be, ids, cfg, mask=mask, pinned=fm.pinned, keep_logits=True,
+                           default_threshold=fm.threshold)
+            assert np.array_equal(got.mask, ref.mask), (kind, i)
+            np.testing.assert_allclose(got.scores, ref.scores, atol=1e-5)
+            assert got.tokens == ref.tokens, (kind, i)
+            a = np.stack([ref.first_logits] + ref.step_logits)
+            b = np.stack([got.first_logits] + got.step_logits)
+            assert np.abs(a - b).max() < 1e-3, (kind, i, float(np.abs(a - b).max()))
+            kinds.add((kind, int(got.mask.sum())))
+    # the router masks really mixed kept and skipped layers
+    assert any(k == "router" and n < fm.n_layers for k, n in kinds)
+
+
+def test_prefill_outputs_match_reference(bundle_dir, ref_model):
+    import onnxruntime as ort
+
+    fm, _ = ref_model
+    s = ort.InferenceSession(str(Path(bundle_dir) / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.array([rand_ids(9, 5)], np.int64)
+    for thr in (0.2, 0.5, 0.8):
+        outs = dict(zip([o.name for o in s.get_outputs()], s.run(None, {"input_ids": ids,
+                                                                       "threshold": np.array([thr], np.float32)})))
+        with torch.inference_mode():
+            logits, g, mask, ks, vs = fm.prefill(torch.from_numpy(ids), thr)
+        np.testing.assert_allclose(outs["logits"], logits.numpy(), atol=1e-4)
+        np.testing.assert_allclose(outs["router_scores"], g.numpy(), atol=1e-5)
+        assert np.array_equal(outs["layer_mask"], mask.numpy())
+        for l in range(fm.n_layers):
+            assert outs[f"present.{l}.key"].shape == (1, fm.n_kv_heads, 9, fm.head_dim)
+            np.testing.assert_allclose(outs[f"present.{l}.key"], ks[l].numpy(), atol=1e-4)
+            np.testing.assert_allclose(outs[f"present.{l}.value"], vs[l].numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_other_architectures_export_and_validate(arch, tmp_path):
+    from export.onnx_export import build_graphs
+
+    fm = randomize_routers(tiny_first(arch, layers=4))
+    g = build_graphs(fm, tmp_path, max_context=32, verbose=False, decode_shape="both")  # validates vs PyTorch
+    assert "decode.onnx" in g["files"] and "layer_3.onnx" in g["files"]
+
+
+def test_validation_catches_a_wrong_graph(tmp_path, monkeypatch):
+    """The export validation can fail: a graph with a wrong norm epsilon is refused."""
+    import export.onnx_export as oe
+
+    fm = tiny_first("llama", layers=2)
+    orig = oe.Weights.__init__
+
+    def broken(self, *a, **k):
+        orig(self, *a, **k)
+        self.layers[1]["ln2"] = self.layers[1]["ln2"] * 1.5
+
+    monkeypatch.setattr(oe.Weights, "__init__", broken)
+    with pytest.raises(FirstEdgeError, match="validation failed"):
+        oe.build_graphs(fm, tmp_path, max_context=32, verbose=False, decode_shape="fused")
+
+
+# ---------------------------------------------------------------- in-place KV, real skipping
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kv_buffers_written_in_place_only_for_kept_layers(bundle_dir, shape):
+    be = backend(bundle_dir, shape)
+    L = be.n_layers
+    bufs = [(k.ctypes.data, v.ctypes.data) for k, v in zip(be.k, be.v)]
+    ids = rand_ids(7, 1)
+    mask = np.array([l % 3 != 1 for l in range(L)])
+    res = generate(be, ids, SamplingConfig(max_new_tokens=6, ignore_eos=True), mask=mask)
+    steps = len(res.tokens) - 1
+    assert [(k.ctypes.data, v.ctypes.data) for k, v in zip(be.k, be.v)] == bufs  # never reallocated
+    for l in range(L):
+        assert be.k[l].shape == (1, be.n_kv, MAX_CTX, be.head_dim)
+        assert be.lengths[l] == len(ids) + (steps if mask[l] else 0)
+        written = np.abs(be.k[l][0, :, len(ids):len(ids) + steps]).sum()
+        assert (written > 0) == bool(mask[l]), l
+        assert np.abs(be.v[l][0, :, be.lengths[l]:]).sum() == 0  # nothing beyond the layer's length
+
+
+def _profiled_nodes(files):
+    names = []
+    for f in files:
+        for ev in json.load(open(f)):
+            if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+                names.append(ev["name"][:-len("_kernel_time")])
+    return names
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_profiler_shows_skipped_layers_did_not_run(bundle_dir, shape, tmp_path):
+    be = backend(bundle_dir, shape, profile=str(tmp_path))
+    mask = np.array([True, False, True, False, False, True])
+    generate(be, rand_ids(6, 2), SamplingConfig(max_new_tokens=4, ignore_eos=True), mask=mask)
+    files = be.end_profiling()
+    nodes = _profiled_nodes(files)
+    for l in range(len(mask)):
+        ran = [n for n in nodes if n.startswith(f"layers.{l}.") and ".attn.gqa" in n]
+        if mask[l]:
+            assert len(ran) == 3, (l, ran)  # 3 decode steps (the first token comes from prefill)
+        else:
+            assert not ran, (l, ran)
+    assert any("lm_head" in n for n in nodes)
+
+
+# ---------------------------------------------------------------- quantized builds
+@pytest.mark.parametrize("quant,bits", [("int8", 8), ("int4", 4)])
+def test_quantized_bundle_uses_matmulnbits_and_runs(tiny_dir, run_dir, ref_model, tmp_path, quant, bits):
+    import onnx
+
+    from export.build import build
+
+    out = build("rpi", tmp_path / quant, model=str(tiny_dir), run=str(run_dir), quantize=quant,
+                max_context=MAX_CTX, verbose=False)  # validated against the fp32 graphs while building
+    m = onnx.load(str(out / "layer_0.onnx" if (out / "layer_0.onnx").exists() else out / "prefill.onnx"),
+                  load_external_data=False)
+    ops = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert ops and all(a.i == bits for n in ops for a in n.attribute if a.name == "bits")
+    b = Bundle(out)
+    assert b.manifest["quantization"] == quant
+    fm, _ = ref_model
+    be = backend(out, None)
+    ids = rand_ids(8, 4)
+    got = generate(be, ids, SamplingConfig(max_new_tokens=8, ignore_eos=True), mask=np.ones(fm.n_layers, bool),
+                   keep_logits=True)
+    ref = generate(TorchBackend(fm, MAX_CTX), ids, SamplingConfig(max_new_tokens=1), mask=np.ones(fm.n_layers, bool),
+                   keep_logits=True)
+    a, c = ref.first_logits, got.first_logits
+    cos = float(a @ c / (np.linalg.norm(a) * np.linalg.norm(c)))
+    assert cos > (0.999 if bits == 8 else 0.9), cos
+    assert len(got.tokens) == 8
+
+
+# ---------------------------------------------------------------- bad bundles
+def _copy(bundle_dir, tmp_path) -> Path:
+    d = tmp_path / "b"
+    shutil.copytree(bundle_dir, d)
+    return d
+
+
+def _edit_manifest(d: Path, fn):
+    mf = d / "manifest.json"
+    m = json.loads(mf.read_text())
+    fn(m)
+    mf.write_text(json.dumps(m))
+
+
+def _load(d):
+    from runtime.backends import load_backend
+
+    return load_backend(Bundle(d))
+
+
+def test_bad_bundle_missing_file(bundle_dir, tmp_path):
+    d = _copy(bundle_dir, tmp_path)
+    (d / "decode.onnx.data").unlink()
+    with pytest.raises(FirstEdgeError, match="bundle file missing: decode.onnx.data"):
+        _load(d)
+
+
+def test_bad_bundle_hash_mismatch(bundle_dir, tmp_path):
+    d = _copy(bundle_dir, tmp_path)
+    f = d / "prefill.onnx.data"
+    data = bytearray(f.read_bytes())
+    data[100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(FirstEdgeError, match="prefill.onnx.data does not match its sha256"):
+        _load(d)
+
+
+def test_bad_bundle_unknown_version(bundle_dir, tmp_path):
+    d = _copy(bundle_dir, tmp_path)
+    _edit_manifest(d, lambda m: m.update(format_version=99))
+    with pytest.raises(FirstEdgeError, match="unknown bundle format version 99"):
+        _load(d)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("vocab_size", VOCAB + 1, "logits"),
+    ("head_dim", 8, "head_dim"),
+    ("max_context", 128, "max_context"),
+    ("n_layers", 5, "n_layers"),
+])
+def test_bad_bundle_dims_not_matching_graph(bundle_dir, tmp_path, key, value, match):
+    d = _copy(bundle_dir, tmp_path)
+    _edit_manifest(d, lambda m: m["model"].update({key: value}))
+    with pytest.raises(FirstEdgeError, match=f"bundle dims do not match the graphs.*{match}"):
+        _load(d)
+
+
+def test_bad_bundle_truncated_onnx(bundle_dir, tmp_path):
+    d = _copy(bundle_dir, tmp_path)
+    f = d / "decode.onnx"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(FirstEdgeError, match="decode.onnx does not match its sha256"):
+        _load(d)
+    # even with a manifest that agrees with the truncated file, loading fails with a clear message
+    _edit_manifest(d, lambda m: m["files"].update({"decode.onnx": sha256_file(f)}))
+    with pytest.raises(FirstEdgeError, match="cannot load graph decode.onnx"):
+        _load(d)
+
+
+def test_prompt_too_long_and_wrong_mask_length(bundle_dir):
+    be = backend(bundle_dir, "fused")
+    with pytest.raises(FirstEdgeError, match="longer than the context of 64"):
+        generate(be, rand_ids(70, 0), SamplingConfig(max_new_tokens=2))
+    with pytest.raises(FirstEdgeError, match="prompt has 64 tokens"):
+        be.prefill(np.array(rand_ids(64, 0)), 0.5)
+    be.prefill(np.array(rand_ids(5, 0)), 0.5)
+    with pytest.raises(FirstEdgeError, match="layer mask has length 5, the model has 6 layers"):
+        be.decode(3, 5, np.ones(5, bool))
+
+
+def test_missing_decode_shape_is_refused(tiny_dir, tmp_path):
+    from export.build import build
+
+    out = build("rpi", tmp_path / "f", model=str(tiny_dir), max_context=32, verbose=False, decode_shape="fused",
+                validate_graphs=False)
+    assert not (out / "layer_0.onnx").exists()
+    with pytest.raises(FirstEdgeError, match="no split decode graphs"):
+        backend(out, "split")
+
+
+# ---------------------------------------------------------------- CLI
+def _cli(args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "runtime"] + args, capture_output=True, text=True, env=env,
+                          cwd=str(ROOT), timeout=120, **kw)
+
+
+def test_cli_runs_bundle_and_reports_errors(bundle_dir):
+    p = _cli(["--bundle", str(bundle_dir), "--prompt", "w5 w6 w7", "--max-new-tokens", "5", "--ignore-eos", "--json"])
+    assert p.returncode == 0, p.stderr
+    stats = json.loads(p.stdout.strip().splitlines()[-1])
+    assert stats["new_tokens"] == 5 and stats["runtime"] == "onnxruntime" and "prefill_ms" in stats
+    p = _cli(["--bundle", str(bundle_dir), "--prompt", "w5", "--mask", "101", "--max-new-tokens", "2"])
+    assert p.returncode == 2 and "layer mask has length 3, the model has 6 layers" in p.stderr
+    p = _cli(["--bundle", str(bundle_dir), "--prompt", " ".join(["w9"] * 80), "--max-new-tokens", "2"])
+    assert p.returncode == 2 and "longer than the context of 64 tokens" in p.stderr
+    p = _cli(["--bundle", str(bundle_dir), "--prompt", "w5", "--backend-opt", "decode_shape=split", "--keep", "3",
+              "--max-new-tokens", "3", "--stream"])
+    assert p.returncode == 0 and "layers kept 3/6" in p.stderr, p.stderr
