@@ -107,6 +107,10 @@ class PromptCache:
         self.F = self.D + 2 * self.kvd
         self.meta = None
         self.arr = None
+        self.dtype = torch.bfloat16
+
+    def _np(self):
+        return np.int16 if self.dtype == torch.bfloat16 else np.float32
 
     def exists(self, key: str) -> bool:
         m = self.folder / "meta.json"
@@ -120,17 +124,19 @@ class PromptCache:
 
     def open(self):
         self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.dtype = torch.bfloat16 if self.meta.get("dtype", "bf16") == "bf16" else torch.float32
         ex = torch.load(self.folder / "examples.pt", weights_only=True)
         self.examples = ex
         total = self.meta["tokens"]
-        self.arr = np.memmap(self.folder / "states.bin", dtype=np.int16, mode="r", shape=(total, self.L, self.F))
+        self.arr = np.memmap(self.folder / "states.bin", dtype=self._np(), mode="r", shape=(total, self.L, self.F))
         return self
 
     @torch.no_grad()
     def build(self, fm: FirstModel, encoded, key: str, cfg: TrainConfig, progress=True):
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.dtype = dt = torch.bfloat16 if cfg.bf16 else torch.float32
         total = sum(len(e.prompt_ids) for e in encoded)
-        arr = np.memmap(self.folder / "states.bin", dtype=np.int16, mode="w+", shape=(total, self.L, self.F))
+        arr = np.memmap(self.folder / "states.bin", dtype=self._np(), mode="w+", shape=(total, self.L, self.F))
         examples = []
         off = 0
         it = encoded
@@ -146,16 +152,16 @@ class PromptCache:
             with autocast(cfg):
                 cos, sin = fm.rope(pos)
                 h = fm.embed(ids)
-                rows = torch.empty(Tp, self.L, self.F, dtype=torch.bfloat16)
+                rows = torch.empty(Tp, self.L, self.F, dtype=dt)
                 for l in range(self.L):
-                    rows[:, l, :self.D] = h[0, :Tp].to(torch.bfloat16)
+                    rows[:, l, :self.D] = h[0, :Tp].to(dt)
                     h, k, v = fm.layer(l, h, cos, sin)
-                    rows[:, l, self.D:self.D + self.kvd] = k[0, :, :Tp].transpose(0, 1).reshape(Tp, -1).to(torch.bfloat16)
-                    rows[:, l, self.D + self.kvd:] = v[0, :, :Tp].transpose(0, 1).reshape(Tp, -1).to(torch.bfloat16)
+                    rows[:, l, self.D:self.D + self.kvd] = k[0, :, :Tp].transpose(0, 1).reshape(Tp, -1).to(dt)
+                    rows[:, l, self.D + self.kvd:] = v[0, :, :Tp].transpose(0, 1).reshape(Tp, -1).to(dt)
                 logits = fm.head(h[0, Tp:]).float()  # predicts C[1:]
             lp = torch.log_softmax(logits, -1)
             top = lp.topk(cfg.kd_topk, dim=-1)
-            arr[off:off + Tp] = rows.view(torch.int16).numpy()
+            arr[off:off + Tp] = (rows.view(torch.int16) if dt == torch.bfloat16 else rows).numpy()
             examples.append({"off": off, "tp": Tp, "comp": torch.tensor(C, dtype=torch.int64),
                              "prompt": torch.tensor(P, dtype=torch.int64),
                              "tidx": top.indices.to(torch.int32), "tlp": top.values.to(torch.float16),
@@ -164,7 +170,8 @@ class PromptCache:
         arr.flush()
         del arr
         torch.save(examples, self.folder / "examples.pt")
-        meta = {"format": CACHE_FORMAT, "key": key, "tokens": total, "n": len(examples), "complete": True}
+        meta = {"format": CACHE_FORMAT, "key": key, "tokens": total, "n": len(examples), "complete": True,
+                "dtype": "bf16" if dt == torch.bfloat16 else "fp32"}
         (self.folder / "meta.json").write_text(json.dumps(meta))
         return self.open()
 
@@ -178,7 +185,7 @@ class PromptCache:
         Tp = max(e["tp"] for e in exs)
         Tc = max(len(e["comp"]) - 1 for e in exs)
         K = exs[0]["tidx"].shape[1]
-        states = torch.zeros(B, Tp, self.L, self.F, dtype=torch.bfloat16)
+        states = torch.zeros(B, Tp, self.L, self.F, dtype=self.dtype)
         pmask = torch.zeros(B, Tp, dtype=torch.bool)
         cin = torch.zeros(B, Tc, dtype=torch.int64)
         tgt = torch.zeros(B, Tc, dtype=torch.int64)
@@ -189,7 +196,8 @@ class PromptCache:
         for i, e in enumerate(exs):
             tp, c = e["tp"], e["comp"]
             n = len(c) - 1
-            states[i, :tp] = torch.from_numpy(np.array(self.arr[e["off"]:e["off"] + tp])).view(torch.bfloat16)
+            blk = torch.from_numpy(np.array(self.arr[e["off"]:e["off"] + tp]))
+            states[i, :tp] = blk.view(torch.bfloat16) if self.dtype == torch.bfloat16 else blk
             pmask[i, :tp] = True
             cin[i, :n] = c[:-1]
             tgt[i, :n] = c[1:]

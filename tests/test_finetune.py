@@ -1,0 +1,211 @@
+"""Data loading, router training, checkpoints/resume and LoRA on tiny models and tiny data slices."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export import finetune as ft
+from export.data import Encoder, end_of_turn_id, load_split, mix_tasks, read_jsonl, resolve_tasks
+from export.model import build_first_model
+from runtime.errors import FirstEdgeError
+from runtime.loop import SamplingConfig, generate
+from export.generate import TorchBackend
+
+
+def tiny_cfg(**kw):
+    cfg = ft.TrainConfig(**ft.PRESETS["tiny"])
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def slice_data(src: Path, dst: Path, tasks=("arithmetic", "translate"), n=6) -> Path:
+    """A tiny copy of the shared task data (first n records of each split)."""
+    for t in tasks:
+        (dst / t).mkdir(parents=True, exist_ok=True)
+        for split in ("train", "val"):
+            lines = (src / t / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+            (dst / t / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dst
+
+
+# ---------------------------------------------------------------- data
+def test_real_data_loads_with_known_metrics(data_dir):
+    per = load_split(data_dir, "val", limit=3)
+    assert set(per) >= {"qa", "summarize", "arithmetic", "sql", "translate", "define"}
+    for t, recs in per.items():
+        assert len(recs) == 3 and all(r.task == t and r.references and r.metric for r in recs)
+    mixed = mix_tasks(per, 2, seed=0)
+    assert len(mixed) == 2 * len(per) and len({r.task for r in mixed}) == len(per)
+    with pytest.raises(FirstEdgeError, match="task 'nope' not found"):
+        resolve_tasks(data_dir, "qa,nope")
+
+
+@pytest.mark.parametrize("line,msg", [
+    ('{"prompt": "p", "completion": "c", "metric": "f1"', "not valid JSON"),
+    ('{"prompt": "p", "metric": "f1"}', "missing field 'completion'"),
+    ('{"prompt": "p", "completion": "c", "metric": "bleurt"}', "unknown metric 'bleurt'"),
+    ('{"prompt": "p", "completion": "c", "metric": "f1", "references": "c"}', "'references' must be"),
+    ('[1, 2]', "must be a JSON object"),
+    ('{"prompt": "", "completion": "c", "metric": "f1"}', "empty 'prompt'"),
+])
+def test_malformed_record_names_file_and_line(tmp_path, line, msg):
+    f = tmp_path / "t" / "train.jsonl"
+    f.parent.mkdir()
+    good = json.dumps({"task": "t", "prompt": "p", "completion": "c", "references": ["c"], "metric": "exact"})
+    f.write_text(good + "\n\n" + line + "\n")
+    with pytest.raises(FirstEdgeError) as e:
+        read_jsonl(f)
+    assert f"{f}:3" in str(e.value) and msg in str(e.value)
+
+
+def test_missing_data_folder_and_split_errors(tmp_path):
+    with pytest.raises(FirstEdgeError, match="data folder not found"):
+        load_split(tmp_path / "nope", "train")
+    with pytest.raises(FirstEdgeError, match="no task folders"):
+        load_split(tmp_path, "train")
+    with pytest.raises(FirstEdgeError, match="unknown split"):
+        load_split(tmp_path, "test")
+
+
+def test_encoder_truncates_inside_the_user_message(tiny_dir):
+    fm, tok = build_first_model(str(tiny_dir), verbose=False)
+    enc = Encoder(tok, end_of_turn_id(tok, fm.cfg), max_prompt_tokens=20, max_completion_tokens=3, head_tokens=4)
+    long = " ".join(f"w{5 + i % 80}" for i in range(50))
+    ids = enc.prompt(long)
+    assert len(ids) == 20 and ids[:len(enc.pre_ids)] == enc.pre_ids and ids[-len(enc.post_ids):] == enc.post_ids
+    assert enc.completion("w5") == tok("w5", add_special_tokens=False)["input_ids"] + [enc.end_id]
+    assert len(enc.completion("w5 w6 w7 w8 w9")) == 3  # cut, no end token
+
+
+# ---------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_dir, data_dir):
+    """One tiny run (soft + hard phases) with its cache kept; the initial routers for comparison."""
+    root = tmp_path_factory.mktemp("ft")
+    data = slice_data(data_dir, root / "data")
+    fm, tok = build_first_model(str(tiny_dir), verbose=False)
+    init = {k: v.clone() for k, v in fm.routers.state_dict().items()}
+    cfg = tiny_cfg(soft_steps=6, hard_steps=4, batch_size=8, lam=0.5, target_keep=0.5, lr=5e-2)
+    summary = ft.train(str(tiny_dir), str(data), str(root / "run"), cfg, progress=False, verbose=False,
+                       fm=fm, tok=tok)
+    return dict(root=root, data=data, run=root / "run", fm=fm, tok=tok, init=init, cfg=cfg, summary=summary)
+
+
+def _full_loss(fm, run, cfg, phase="soft"):
+    cache = ft.PromptCache(run / "cache", fm).open()
+    b = cache.batch(list(range(len(cache))))
+    with torch.no_grad():
+        logits, g, gates = ft.cached_forward(fm, b, ft.make_gate_fn(phase, cfg.tau))
+        return ft.losses(logits, b, gates, cfg)[1]
+
+
+def test_training_lowers_loss_and_changes_routers(trained, tiny_dir):
+    fm, run = trained["fm"], trained["run"]
+    cfg = tiny_cfg(lam=0.0, kd=1.0, ce=1.0, bf16=False)
+    after = _full_loss(fm, run, cfg)
+    fm2, _ = build_first_model(str(tiny_dir), verbose=False)
+    fm2.routers.load_state_dict(trained["init"])
+    before = _full_loss(fm2, run, cfg)
+    # the same objective the run minimised (latency term included)
+    cfg_run = trained["cfg"]
+    assert _full_loss(fm, run, cfg_run)["loss"] < _full_loss(fm2, run, cfg_run)["loss"]
+    assert after["loss"] != before["loss"]
+    moved = max(float((fm.routers.state_dict()[k] - v).abs().max()) for k, v in trained["init"].items())
+    assert moved > 1e-3
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 11))
+    assert {r["phase"] for r in log} == {"soft", "hard"}
+    assert all({"loss", "gate", "skipped"} <= set(r) for r in log)
+    saved = json.loads((run / "routers.json").read_text())
+    assert saved["train"]["steps"] == 10 and saved["lora"] is False
+
+
+def test_cached_training_forward_equals_mixed_forward_fp32(trained):
+    """The completion-only forward over cached prompt K/V is the mixed forward of the core."""
+    fm, run, cfg = trained["fm"], trained["run"], trained["cfg"]
+    cfg32 = tiny_cfg(bf16=False)
+    cache = ft.PromptCache(run / "cache2", fm).build(fm, _encoded(trained, cfg32), "k", cfg32, progress=False)
+    idx = [0, 1, 2, 3]
+    b = ft.lora_batch(cache, idx)
+    hard = ft.make_gate_fn("hard", 0.5)
+    with torch.no_grad():
+        lc, gc, gatec = ft.cached_forward(fm, b, hard)
+        lm, gm, gatem = fm.mixed_forward(b["full_ids"], b["full_pmask"], gate_fn=lambda l, g: hard(g))
+    lm = lm.gather(1, b["sel"].unsqueeze(-1).expand(-1, -1, lm.shape[-1]))
+    m = b["tmask"]
+    assert torch.allclose(gc, gm, atol=1e-5) and torch.equal(gatec, gatem)
+    assert (lc - lm)[m].abs().max() < 1e-4
+
+
+def _encoded(tr, cfg):
+    fm, tok = tr["fm"], tr["tok"]
+    enc = Encoder(tok, end_of_turn_id(tok, fm.cfg), cfg.max_prompt_tokens, cfg.max_completion_tokens)
+    recs = mix_tasks(load_split(tr["data"], "train"), cfg.per_task, seed=cfg.seed)
+    return [e for e in (enc(r) for r in recs) if len(e.completion_ids) >= 2]
+
+
+def test_hard_gate_forward_of_trained_checkpoint_equals_generator(trained, tiny_dir):
+    fm, tok = build_first_model(str(tiny_dir), str(trained["run"]), verbose=False)
+    rng = np.random.default_rng(0)
+    masks = []
+    for trial in range(3):
+        ids = [int(x) for x in rng.integers(5, 96, 8 + trial)]
+        be = TorchBackend(fm, 64)
+        res = generate(be, ids, SamplingConfig(max_new_tokens=6, ignore_eos=True), threshold=0.5, keep_logits=True)
+        masks.append(res.mask)
+        full = torch.tensor([ids + res.tokens])
+        pm = torch.zeros_like(full, dtype=torch.bool)
+        pm[:, :len(ids)] = True
+        with torch.no_grad():
+            logits, g, gates = fm.mixed_forward(full, pm, gate_fn=lambda l, g: (g >= 0.5).float())
+        assert np.array_equal(gates[0].numpy().astype(bool), res.mask)
+        gen = np.stack([res.first_logits] + res.step_logits)
+        ref = logits[0, len(ids) - 1: len(ids) - 1 + len(gen)].numpy()
+        assert np.abs(gen - ref).max() <= 1e-4
+    assert any(not m.all() for m in masks), "the trained routers should skip some layer"
+
+
+def test_resume_continues_from_saved_step(tmp_path, tiny_dir, data_dir):
+    data = slice_data(data_dir, tmp_path / "data", n=4)
+    cfg = dict(soft_steps=3, hard_steps=2, save_every=2)
+    full = ft.train(str(tiny_dir), str(data), str(tmp_path / "a"), tiny_cfg(**cfg), progress=False, verbose=False)
+    stop = ft.train(str(tiny_dir), str(data), str(tmp_path / "b"), tiny_cfg(**cfg), progress=False, verbose=False,
+                    stop_after=3)
+    assert stop == {"stopped_at": 3} and not (tmp_path / "b" / "routers.json").exists()
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 3
+    ft.train(str(tiny_dir), str(data), str(tmp_path / "b"), tiny_cfg(**cfg), progress=False, verbose=False, resume=True)
+    log = [json.loads(x)["step"] for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4, 5]
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "a" / "routers.safetensors")), load_file(str(tmp_path / "b" / "routers.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert full["steps"] == 5
+    with pytest.raises(FirstEdgeError, match="already holds a trained run"):
+        ft.train(str(tiny_dir), str(data), str(tmp_path / "a"), tiny_cfg(**cfg), progress=False, verbose=False)
+    with pytest.raises(FirstEdgeError, match="nothing to resume"):
+        ft.train(str(tiny_dir), str(data), str(tmp_path / "c"), tiny_cfg(**cfg), progress=False, verbose=False,
+                 resume=True)
+
+
+def test_lora_phase_writes_peft_adapter_that_loads(tmp_path, tiny_dir, data_dir):
+    data = slice_data(data_dir, tmp_path / "data", n=4)
+    cfg = tiny_cfg(soft_steps=1, hard_steps=1, lora_steps=2, lora_lr=1e-2)
+    ft.train(str(tiny_dir), str(data), str(tmp_path / "run"), cfg, lora=True, progress=False, verbose=False)
+    run = tmp_path / "run"
+    assert (run / "lora" / "adapter_config.json").exists() and json.loads((run / "routers.json").read_text())["lora"]
+    fm_l, _ = build_first_model(str(tiny_dir), str(run), verbose=False)
+    fm_b, _ = build_first_model(str(tiny_dir), verbose=False)
+    w_l = fm_l.layers[0].self_attn.q_proj.weight
+    w_b = fm_b.layers[0].self_attn.q_proj.weight
+    assert w_l.shape == w_b.shape and not torch.allclose(w_l, w_b)
+
+
+def test_cli_errors(tmp_path, tiny_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        ft.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "r"), "--model", str(tiny_dir)])
+    assert e.value.code == 2 and "data folder not found" in capsys.readouterr().err
