@@ -41,6 +41,36 @@ GROUP_SIZE = 32
 
 
 # ---------------------------------------------------------------------------------------------
+# XNNPACK-friendly pieces: reductions and the half rotation as matmuls with constant weights, so that a
+# layer lowers to few XNNPACK partitions (mean/sum/split would otherwise fall back to portable kernels).
+class Consts(nn.Module):
+    def __init__(self, fm: FirstModel):
+        super().__init__()
+        D, hd, nkv, nh = fm.hidden_size, fm.head_dim, fm.n_kv_heads, fm.n_heads
+        rep = nh // nkv
+        half = hd // 2
+        rot = torch.zeros(hd, hd)  # x @ rot == rotate_half(x) = cat(-x2, x1)
+        rot[half:, :half] = -torch.eye(half)
+        rot[:half, half:] = torch.eye(half)
+        self.register_buffer("rot_t", rot.t().contiguous(), persistent=False)  # F.linear(x, rot_t)
+        self.register_buffer("mean_w", torch.full((1, D), 1.0 / D), persistent=False)
+        eye = torch.eye(nkv)
+        self.register_buffer("blk", eye.view(nkv, 1, nkv, 1).expand(nkv, hd, nkv, rep).reshape(nkv * hd, nh).clone(),
+                             persistent=False)  # block-diagonal 0/1 pattern for the grouped queries
+        sel_mask = eye.view(nkv, 1, nkv, 1).expand(nkv, rep, nkv, hd).reshape(nh, nkv * hd).clone()
+        self.register_buffer("sel_mask", sel_mask, persistent=False)
+        self.register_buffer("sel_w", torch.eye(hd).repeat(1, nkv).contiguous(), persistent=False)  # [hd, nkv*hd]
+
+
+def rms_norm(norm: nn.Module, x, c: Consts):
+    var = F.linear(x * x, c.mean_w)
+    return norm.weight * (x * torch.rsqrt(var + norm.variance_epsilon))
+
+
+def rope_apply(x, cos, sin, c: Consts):
+    return x * cos + F.linear(x, c.rot_t) * sin
+
+
 # method modules
 class EmbedM(nn.Module):
     def __init__(self, fm: FirstModel):
@@ -53,56 +83,59 @@ class EmbedM(nn.Module):
         return h, cos, sin
 
 
-def decode_layer(fm: FirstModel, l: int, h, cos, sin, past_k, past_v):
-    """One decoder layer for one new token against a past of S tokens in [1, S, n_kv, hd] layout."""
+def decode_layer(fm: FirstModel, c: Consts, l: int, h, cos, sin, past_k, past_v):
+    """One decoder layer for one new token against a past of S tokens in [1, S, n_kv, hd] layout.
+
+    Attention without copying the past: scores = K2 @ Qbd with K2 = past as [S, n_kv*hd] and Qbd the
+    block-diagonal [n_kv*hd, n_heads] query matrix; outputs = P @ V2, keeping each head's own KV block.
+    """
     lay = fm.layers[l]
     att = lay.self_attn
     nh, nkv, hd = fm.n_heads, fm.n_kv_heads, fm.head_dim
     rep = nh // nkv
     S = past_k.shape[1]
-    x = lay.input_layernorm(h)
+    x = rms_norm(lay.input_layernorm, h, c)
     q = att.q_proj(x).view(nh, hd)
     k = att.k_proj(x).view(nkv, hd)
     v = att.v_proj(x).view(nkv, hd)
-    c, s = cos.view(1, hd), sin.view(1, hd)
-    q = q * c + rotate_half(q) * s
-    k = k * c + rotate_half(k) * s
-    eye = torch.eye(nkv, dtype=h.dtype)
-    # block-diagonal queries: qbd[(a, d), (b, r)] = q[b*rep + r, d] if a == b, else 0
-    qg = q.view(nkv, rep, hd).permute(0, 2, 1)  # [nkv, hd, rep]
-    qbd = (qg.unsqueeze(2) * eye.view(nkv, 1, nkv, 1)).reshape(nkv * hd, nh)
-    K2 = past_k.view(S, nkv * hd)
-    V2 = past_v.view(S, nkv * hd)
-    s_past = torch.matmul(K2, qbd).t()  # [nh, S]
-    s_new = (q.view(nkv, rep, hd) * k.view(nkv, 1, hd)).sum(-1).view(nh, 1)
+    cs, sn = cos.view(1, hd), sin.view(1, hd)
+    q = rope_apply(q, cs, sn, c)
+    k = rope_apply(k, cs, sn, c)
+    qbd = q.view(nkv, rep, hd).permute(0, 2, 1).reshape(nkv * hd, 1, rep).expand(nkv * hd, nkv, rep)
+    qbd = qbd.reshape(nkv * hd, nh) * c.blk
+    K2 = past_k.view(1, S, nkv * hd)
+    V2 = past_v.view(1, S, nkv * hd)
+    s_past = torch.bmm(K2, qbd.unsqueeze(0))[0].t()  # [nh, S]
+    s_new = torch.bmm(q.view(nkv, rep, hd), k.view(nkv, hd, 1)).view(nh, 1)
     p = torch.softmax(torch.cat([s_past, s_new], dim=1) * fm.scaling, dim=-1)  # [nh, S+1]
-    o_all = torch.matmul(p[:, :S], V2)  # [nh, nkv*hd]
-    o = (o_all.view(nkv, rep, nkv, hd) * eye.view(nkv, 1, nkv, 1)).sum(2)  # [nkv, rep, hd]
-    o = o + p[:, S:].view(nkv, rep, 1) * v.view(nkv, 1, hd)
+    o_all = torch.bmm(p[:, :S].unsqueeze(0), V2)[0]  # [nh, nkv*hd]
+    o = F.linear(o_all * c.sel_mask, c.sel_w)  # each head's own KV group: [nh, hd]
+    o = o + (p[:, S:].reshape(nkv, rep, 1) * v.view(nkv, 1, hd)).reshape(nh, hd)
     h = h + att.o_proj(o.reshape(1, 1, nh * hd))
-    h = h + lay.mlp(lay.post_attention_layernorm(h))
+    h = h + lay.mlp(rms_norm(lay.post_attention_layernorm, h, c))
     return h, k.view(1, 1, nkv, hd), v.view(1, 1, nkv, hd)
 
 
 class LayerM(nn.Module):
     def __init__(self, fm: FirstModel, l: int):
         super().__init__()
-        self.fm, self.l = fm, l
+        self.fm, self.l, self.c = fm, l, Consts(fm)
 
     def forward(self, h, cos, sin, past_k, past_v):
-        return decode_layer(self.fm, self.l, h, cos, sin, past_k, past_v)
+        return decode_layer(self.fm, self.c, self.l, h, cos, sin, past_k, past_v)
 
 
 class HeadM(nn.Module):
     def __init__(self, fm: FirstModel):
         super().__init__()
-        self.fm = fm
+        self.fm, self.c = fm, Consts(fm)
 
     def forward(self, h):
-        return self.fm.head(h).view(1, -1)
+        fm = self.fm
+        return fm.lm_head(rms_norm(fm.base.norm, h, self.c)).view(1, -1)
 
 
-def prefill_layer(fm: FirstModel, l: int, h, cos, sin, allowed):
+def prefill_layer(fm: FirstModel, c: Consts, l: int, h, cos, sin, allowed):
     """One decoder layer over T prompt tokens (causal), GQA as one batched matmul per KV head group.
 
     Returns h and this layer's K/V as [1, n_kv, T, hd]; cos/sin are [T, 1, hd], allowed [rep*T, T] bool.
@@ -112,12 +145,12 @@ def prefill_layer(fm: FirstModel, l: int, h, cos, sin, allowed):
     nh, nkv, hd = fm.n_heads, fm.n_kv_heads, fm.head_dim
     rep = nh // nkv
     T = h.shape[1]
-    x = lay.input_layernorm(h)
+    x = rms_norm(lay.input_layernorm, h, c)
     q = att.q_proj(x).view(T, nh, hd)
     k = att.k_proj(x).view(T, nkv, hd)
     v = att.v_proj(x).view(T, nkv, hd)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
+    q = rope_apply(q, cos, sin, c)
+    k = rope_apply(k, cos, sin, c)
     qg = q.view(T, nkv, rep, hd).permute(1, 2, 0, 3).reshape(nkv, rep * T, hd)  # rows (r, t) of group b
     kh = k.permute(1, 0, 2).contiguous()  # [nkv, T, hd]
     vh = v.permute(1, 0, 2).contiguous()
@@ -127,7 +160,7 @@ def prefill_layer(fm: FirstModel, l: int, h, cos, sin, allowed):
     o = torch.bmm(p, vh)  # [nkv, rep*T, hd]
     o = o.view(nkv, rep, T, hd).permute(2, 0, 1, 3).reshape(1, T, nh * hd)
     h = h + att.o_proj(o)
-    h = h + lay.mlp(lay.post_attention_layernorm(h))
+    h = h + lay.mlp(rms_norm(lay.post_attention_layernorm, h, c))
     return h, kh.unsqueeze(0), vh.unsqueeze(0)
 
 
@@ -136,7 +169,7 @@ class PrefillM(nn.Module):
 
     def __init__(self, fm: FirstModel):
         super().__init__()
-        self.fm = fm
+        self.fm, self.c = fm, Consts(fm)
 
     def forward(self, input_ids, threshold):
         fm = self.fm
@@ -149,7 +182,7 @@ class PrefillM(nn.Module):
         scores, kv = [], []
         for l in range(fm.n_layers):
             scores.append(fm.router_probs(l, h).mean(dim=1))
-            h, k, v = prefill_layer(fm, l, h, cos, sin, allowed)
+            h, k, v = prefill_layer(fm, self.c, l, h, cos, sin, allowed)
             kv += [k, v]
         g = torch.cat(scores)
         mask = torch.logical_or(g >= threshold, fm.pinned_mask)
@@ -319,6 +352,10 @@ def build_graphs(fm: FirstModel, out_dir, *, quantize: str = "none", max_context
     with torch.no_grad():
         eps = _export_all(src, max_context, verbose)
         prog, delegation = lower(eps, constant_methods(fm, max_context, bos_id, eos_ids), verbose)
+    if verbose:
+        for m in ("prefill", "embed", "layer_0", "head"):
+            print(f"[first-edge] {m}: {delegation[m]['delegated_nodes']} nodes in XNNPACK, portable: "
+                  f"{delegation[m]['portable_ops']}", file=sys.stderr)
     bad = {m: d["portable_matmuls"] for m, d in delegation.items() if d["portable_matmuls"]}
     if bad:
         raise FirstEdgeError(f"linear/matmul ops were not delegated to XNNPACK: {bad}")
