@@ -385,8 +385,18 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
     if not encoded:
         raise FirstEdgeError(f"no usable training records in {data_dir} (completions are empty)")
     key = config_key(cfg, fm, data_dir, tasks)
-    cache = PromptCache(out / "cache", fm)
     fm.eval()
+    work = fm
+    if cfg.bf16:
+        # a bf16 copy of the frozen model (autocast would convert every weight at every call);
+        # the routers stay fp32 and are shared with ``fm``, which keeps its fp32 weights
+        import copy
+
+        routers, fm.routers = fm.routers, None
+        work = copy.deepcopy(fm)
+        fm.routers = work.routers = routers
+        work.hf.to(torch.bfloat16)
+    cache = PromptCache(out / "cache", work)
     t0 = time.time()
     if cache.exists(key):
         cache.open()
@@ -396,7 +406,7 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
         if verbose:
             print(f"[finetune] {len(encoded)} examples from {', '.join(tasks)}; caching prompt states once",
                   file=sys.stderr)
-        cache.build(fm, encoded, key, cfg, progress=progress)
+        cache.build(work, encoded, key, cfg, progress=progress)
     cache_s = time.time() - t0
 
     params = list(fm.routers.parameters())
@@ -423,11 +433,11 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
     def ensure_lora():
         nonlocal lora_params, lora_opt
         if lora_opt is None:
-            lora_params = attach_trainable_lora(fm, cfg.lora_r)
+            lora_params = attach_trainable_lora(work, cfg.lora_r)
             lora_opt = torch.optim.Adam([{"params": lora_params, "lr": cfg.lora_lr},
                                          {"params": params, "lr": cfg.lr * 0.1}])
             if state is not None and state.get("lora") is not None:
-                sd = dict(fm.hf.named_parameters())
+                sd = dict(work.hf.named_parameters())
                 for n, v in state["lora"].items():
                     sd[n].data.copy_(v)
                 lora_opt.load_state_dict(state["lora_opt"])
@@ -436,7 +446,7 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
         st = {"step": step, "key": key, "routers": fm.routers.state_dict(), "opt": opt.state_dict(),
               "cfg": asdict(cfg), "lora": None}
         if lora_opt is not None:
-            st["lora"] = {n: p.detach().clone() for n, p in fm.hf.named_parameters() if "lora_" in n}
+            st["lora"] = {n: p.detach().clone() for n, p in work.hf.named_parameters() if "lora_" in n}
             st["lora_opt"] = lora_opt.state_dict()
         tmp = ckpt_file.with_suffix(".tmp")
         torch.save(st, tmp)
@@ -450,7 +460,7 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
         bar = tqdm(total=total, initial=start - 1, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
     last = {}
     t_train = time.time()
-    fm.train(False)
+    work.train(False)
     for step in range(start, total + 1):
         phase = phase_of(step, cfg)
         idx = _batch_indices(len(cache), cfg.batch_size, cfg.seed, step)
@@ -459,7 +469,7 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
             ensure_lora()
             b = lora_batch(cache, idx)
             with autocast(cfg):
-                logits, g, gates = fm.mixed_forward(b["full_ids"], b["full_pmask"], gate_fn=lambda l, gl: gate_fn(gl))
+                logits, g, gates = work.mixed_forward(b["full_ids"], b["full_pmask"], gate_fn=lambda l, gl: gate_fn(gl))
             logits = logits.gather(1, b["sel"].unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
             loss, parts = losses(logits, b, gates, cfg)
             lora_opt.zero_grad(set_to_none=True)
@@ -468,7 +478,7 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
         else:
             b = cache.batch(idx)
             with autocast(cfg):
-                logits, g, gates = cached_forward(fm, b, gate_fn, fm.pinned_mask)
+                logits, g, gates = cached_forward(work, b, gate_fn, work.pinned_mask)
             loss, parts = losses(logits, b, gates, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -500,12 +510,14 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
     extra = {"lora": bool(lora_opt is not None), "model_dir": str(Path(model).resolve()) if model else None,
              "train": summary}
     if lora_opt is not None:
-        fm.hf.save_pretrained(str(out / "lora"))
-        base = fm.hf.get_base_model()
+        work.hf.save_pretrained(str(out / "lora"))
         fm.save_routers(out, extra=extra)
-        fm.hf = fm.hf.merge_and_unload() if hasattr(fm.hf, "merge_and_unload") else base
+        from .model import attach_lora
+
+        fm.hf = attach_lora(fm.hf, out / "lora") if work is not fm else work.hf.merge_and_unload()
     else:
         fm.save_routers(out, extra=extra)
+    del work
     for p in fm.routers.parameters():
         p.requires_grad_(False)
     if verbose:
