@@ -1,0 +1,179 @@
+// ctest: unit tests of the JSON reader, sha256 and mask rules, plus bad-bundle / bad-input checks against a
+// real bundle given by FIRST_EDGE_TEST_BUNDLE (built by tests/test_et_cpp.py). Every failure must come back
+// as a Status with a message, never a crash (run once under AddressSanitizer: -DFIRST_EDGE_ASAN=ON).
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "first_runner.h"
+#include "json.h"
+#include "sha256.h"
+
+using namespace first_edge;
+
+static int failures = 0, checks = 0;
+#define CHECK(cond)                                                    \
+  do {                                                                 \
+    checks++;                                                          \
+    if (!(cond)) {                                                     \
+      failures++;                                                      \
+      std::fprintf(stderr, "FAILED %s:%d: %s\n", __FILE__, __LINE__, #cond); \
+    }                                                                  \
+  } while (0)
+
+static bool contains(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
+
+static void expect_error(const Status& s, const std::string& sub, const char* what) {
+  checks++;
+  if (s.ok || !contains(s.message, sub)) {
+    failures++;
+    std::fprintf(stderr, "FAILED %s: expected an error containing '%s', got ok=%d '%s'\n", what, sub.c_str(), s.ok,
+                 s.message.c_str());
+  } else {
+    std::printf("ok   %-34s -> %s\n", what, s.message.c_str());
+  }
+}
+
+static std::string slurp(const std::string& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+static void spit(const std::string& p, const std::string& s) {
+  std::ofstream f(p, std::ios::binary);
+  f << s;
+}
+static int sh(const std::string& cmd) { return std::system(cmd.c_str()); }
+
+static void unit_tests() {
+  Json j;
+  std::string err;
+  CHECK(Json::parse("{\"a\": [1, 2.5, -3e2, true, null, \"x\\u00e9\\n\"], \"b\": {}}", &j, &err));
+  CHECK(j["a"].arr.size() == 6 && j["a"].arr[2].num == -300 && j["a"].arr[5].str == "x\xc3\xa9\n");
+  CHECK(!Json::parse("{\"a\": }", &j, &err) && !err.empty());
+  CHECK(!Json::parse("[1, 2", &j, &err));
+  CHECK(!Json::parse("{} x", &j, &err));
+  CHECK(!Json::parse(std::string(200, '['), &j, &err));  // depth limit, no stack overflow
+  Sha256 h;
+  h.update((const uint8_t*)"abc", 3);
+  CHECK(h.hex() == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  std::vector<uint8_t> m;
+  CHECK(parse_mask("1011", 4, &m).ok && m[1] == 0 && m[2] == 1);
+  expect_error(parse_mask("10x1", 4, &m), "only the characters", "mask with a bad character");
+  expect_error(parse_mask("101", 4, &m), "length 3", "mask of the wrong length");
+  CHECK(budget_mask({0.1f, 0.9f, 0.5f, 0.9f}, 2, {}, &m).ok && m == std::vector<uint8_t>({0, 1, 0, 1}));
+  CHECK(budget_mask({0.1f, 0.9f, 0.5f, 0.9f}, 2, {0}, &m).ok && m == std::vector<uint8_t>({1, 1, 0, 0}));
+  expect_error(budget_mask({0.1f, 0.2f}, 3, {}, &m), "--keep", "budget larger than L");
+}
+
+static void bundle_tests(const std::string& good, const std::string& tmp) {
+  std::unique_ptr<Runner> r;
+  Status s = Runner::create(good, 1, &r);
+  CHECK(s.ok);
+  if (!s.ok) {
+    std::fprintf(stderr, "cannot load the good bundle: %s\n", s.message.c_str());
+    return;
+  }
+  const int L = r->info().n_layers, V = r->info().vocab_size, C = r->info().max_context;
+  // a normal generation works and counts only kept layers
+  GenerateOptions o;
+  o.max_new_tokens = 5;
+  o.ignore_eos = true;
+  o.mask = std::string(L, '1');
+  o.mask[1] = '0';
+  GenerateResult res;
+  s = r->generate({5, 6, 7}, o, &res);
+  CHECK(s.ok && res.tokens.size() == 5);
+  CHECK(res.layer_calls.size() == (size_t)L && res.layer_calls[1] == 0 && res.layer_calls[0] == 4);
+  // bad inputs
+  GenerateOptions g;
+  expect_error(r->generate({}, g, &res), "empty", "empty prompt");
+  expect_error(r->generate({1, V + 5}, g, &res), "outside the vocabulary", "token id out of range");
+  expect_error(r->generate({-1}, g, &res), "outside the vocabulary", "negative token id");
+  expect_error(r->generate(std::vector<int64_t>(C, 3), g, &res), "longer than the context", "prompt too long");
+  GenerateOptions bm = g;
+  bm.mask = "01";
+  expect_error(r->generate({1, 2}, bm, &res), "length 2", "mask of the wrong length");
+  GenerateOptions bk = g;
+  bk.keep = L + 1;
+  expect_error(r->generate({1, 2}, bk, &res), "--keep", "budget larger than L");
+  GenerateOptions bt = g;
+  bt.temperature = -1;
+  expect_error(r->generate({1, 2}, bt, &res), "temperature", "negative temperature");
+  GenerateOptions bp = g;
+  bp.top_p = 0;
+  expect_error(r->generate({1, 2}, bp, &res), "top_p", "top_p 0");
+  GenerateOptions bn = g;
+  bn.max_new_tokens = 0;
+  expect_error(r->generate({1, 2}, bn, &res), "max_new_tokens", "zero new tokens");
+  GenerateOptions bth = g;
+  bth.has_threshold = true;
+  bth.threshold = NAN;
+  expect_error(r->generate({1, 2}, bth, &res), "finite", "NaN threshold");
+  std::vector<float> lg;
+  expect_error(r->decode(1, C + 3, std::vector<uint8_t>(L, 1), &lg), "outside the context", "decode past the context");
+  // context fills up: generation stops with max_context, never writes past the buffers
+  GenerateOptions full = g;
+  full.max_new_tokens = C + 10;
+  full.ignore_eos = true;
+  s = r->generate(std::vector<int64_t>(C - 3, 4), full, &res);
+  CHECK(s.ok && res.stop_reason == "max_context");
+  r.reset();
+
+  // bad bundles: copies of the good one with one thing broken
+  std::string b = tmp + "/bad";
+  auto fresh = [&]() { sh("rm -rf '" + b + "' && cp -r '" + good + "' '" + b + "'"); };
+  std::string mf = slurp(good + "/manifest.json");
+  auto replace = [&](std::string s, const std::string& a, const std::string& c) {
+    size_t p = s.find(a);
+    if (p != std::string::npos) s.replace(p, a.size(), c);
+    return s;
+  };
+  expect_error(Runner::create(tmp + "/does-not-exist", 1, &r), "not found", "missing folder");
+  fresh();
+  sh("rm '" + b + "/manifest.json'");
+  expect_error(Runner::create(b, 1, &r), "no manifest.json", "no manifest");
+  fresh();
+  spit(b + "/manifest.json", mf.substr(0, mf.size() / 2));
+  expect_error(Runner::create(b, 1, &r), "not valid JSON", "truncated manifest");
+  fresh();
+  spit(b + "/manifest.json", replace(mf, "\"format_version\": 1", "\"format_version\": 99"));
+  expect_error(Runner::create(b, 1, &r), "format version", "unknown format version");
+  fresh();
+  spit(b + "/manifest.json", replace(mf, "\"runtime\": \"executorch\"", "\"runtime\": \"onnxruntime\""));
+  expect_error(Runner::create(b, 1, &r), "ExecuTorch bundle", "wrong runtime");
+  fresh();
+  spit(b + "/manifest.json", replace(mf, "\"n_kv_heads\": ", "\"n_kv_heads\": 3"));
+  expect_error(Runner::create(b, 1, &r), "n_kv_heads", "inconsistent dims");
+  fresh();
+  sh("rm '" + b + "/model.pte'");
+  expect_error(Runner::create(b, 1, &r), "missing: model.pte", "missing model.pte");
+  fresh();
+  sh("printf 'x' >> '" + b + "/model.pte'");
+  expect_error(Runner::create(b, 1, &r), "sha256", "modified model.pte");
+  fresh();
+  spit(b + "/model.pte", "garbage");
+  expect_error(Runner::create(b, 1, &r, /*verify_hashes=*/false), "cannot load", "garbage .pte (hash check off)");
+  fresh();
+  spit(b + "/manifest.json", replace(mf, "\"max_context\": ", "\"max_context\": 1"));
+  expect_error(Runner::create(b, 1, &r, false), "max_context", "max_context differs from the .pte");
+  fresh();
+  spit(b + "/manifest.json", replace(mf, "\"layer_0\"", "\"layer_zero\""));
+  expect_error(Runner::create(b, 1, &r, false), "lacks the method", "unknown method name");
+  sh("rm -rf '" + b + "'");
+}
+
+int main() {
+  unit_tests();
+  const char* good = std::getenv("FIRST_EDGE_TEST_BUNDLE");
+  const char* tmp = std::getenv("FIRST_EDGE_TEST_TMP");
+  if (good && *good) bundle_tests(good, tmp && *tmp ? tmp : "/tmp");
+  else std::printf("FIRST_EDGE_TEST_BUNDLE not set: bundle tests skipped\n");
+  std::printf("%d checks, %d failed\n", checks, failures);
+  return failures ? 1 : 0;
+}
