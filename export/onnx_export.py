@@ -190,7 +190,11 @@ def _head(g: G, W: Weights, h2d: str, out: str):
     """logits [1, V] from the last hidden state [1, D]."""
     x = g.rmsnorm(h2d, W.norm, W.eps, "norm")
     if g.bits is None and W.tied:
-        g.op("Gemm", [x, g.const("lm_head.weight_tied", W.embed)], name="lm_head", outputs=[out], transB=1)
+        # tied embeddings: the same initializer feeds the Gather and the LM head (Gemm with transB)
+        emb = "embed_tokens.weight"
+        if not any(t.name == emb for t in g.inits):
+            g.const(emb, W.embed)
+        g.op("Gemm", [x, emb], name="lm_head", outputs=[out], transB=1)
     elif g.bits is None:
         g.op("MatMul", [x, g.const("lm_head.weight", np.ascontiguousarray(W.lm_head.T))], name="lm_head", outputs=[out])
     else:

@@ -24,11 +24,43 @@ from .errors import FirstEdgeError
 from .masks import check_mask
 
 F32 = np.float32
+_GLOBAL_POOL = {"threads": None}  # ONNX Runtime's process-wide thread pool (created once per process)
+
+
+def _use_global_pool(ort, threads: int) -> bool:
+    """All sessions of a backend (prefill, decode, or the 32 split graphs) share one process-wide pool of
+    ``threads`` threads; per-session pools would park/wake (and spin) separate threads for every graph.
+    Once created, ONNX Runtime requires every later session in the process to use it (see session_options)."""
+    if _GLOBAL_POOL["threads"] is None:
+        try:
+            from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+            C.set_global_thread_pool_sizes(threads, 1)
+            _GLOBAL_POOL["threads"] = threads
+        except Exception:  # noqa: BLE001  (environment already created with per-session threads)
+            _GLOBAL_POOL["threads"] = -1
+    return _GLOBAL_POOL["threads"] > 0
 
 
 def _first_line(e: Exception) -> str:
     s = str(e).strip().splitlines()
     return (s[0] if s else type(e).__name__)[:300]
+
+
+def session_options(threads: int = 2):
+    """SessionOptions for any ONNX Runtime session in a process that runs the FiRST-Edge backend."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if _use_global_pool(ort, threads):
+        so.use_per_session_threads = False
+    else:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
 
 
 class OrtBackend:
@@ -107,12 +139,12 @@ class OrtBackend:
         f = self.path / name
         if not f.is_file():
             raise FirstEdgeError(f"bundle file missing: {name}")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
+        so = session_options(self.threads)
+        if _GLOBAL_POOL["threads"] not in (-1, self.threads):
+            import warnings
+
+            warnings.warn(f"ONNX Runtime's thread pool of this process has {_GLOBAL_POOL['threads']} threads; "
+                          f"threads={self.threads} is ignored")
         if profile:
             so.enable_profiling = True
             so.profile_file_prefix = str(Path(self.profile) / Path(name).stem)

@@ -118,8 +118,11 @@ def test_parity_with_reference_generator(bundle_dir, ref_model, shape):
 def test_prefill_outputs_match_reference(bundle_dir, ref_model):
     import onnxruntime as ort
 
+    from runtime.ort_backend import session_options
+
     fm, _ = ref_model
-    s = ort.InferenceSession(str(Path(bundle_dir) / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    s = ort.InferenceSession(str(Path(bundle_dir) / "prefill.onnx"), session_options(2),
+                             providers=["CPUExecutionProvider"])
     ids = np.array([rand_ids(9, 5)], np.int64)
     for thr in (0.2, 0.5, 0.8):
         outs = dict(zip([o.name for o in s.get_outputs()], s.run(None, {"input_ids": ids,

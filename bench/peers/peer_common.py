@@ -1,4 +1,4 @@
-"""Shared harness for the peer_<runtime>.py decode-speed scripts.
+"""Shared harness (adapted for FiRST-Edge bench/ from the measured peer harness) for the peer_<runtime>.py decode-speed scripts.
 
 Every runtime script:
   * feeds the SAME prompt token ids (chat-formatted, 58 tokens, tokenised with
@@ -32,9 +32,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HF_DIR = os.environ["SMOLLM2_HF"]  # the model as a Hugging Face folder (fp32 safetensors)
-GGUF = os.environ.get("SMOLLM2_GGUF", "")  # unused by the ExecuTorch peer
-ART = os.environ.get("PEER_ARTIFACTS", os.path.expanduser("~/.cache/first-edge/peers/artifacts"))
+_CACHE = os.environ.get("FIRST_EDGE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "first-edge"))
+# the model as a Hugging Face folder (fp32 safetensors); default: FiRST-Edge's converted default model
+HF_DIR = os.environ.get("SMOLLM2_HF", os.path.join(_CACHE, "models", "SmolLM2-135M-Instruct"))
+ART = os.environ.get("PEER_ARTIFACTS", os.path.join(_CACHE, "peers", "artifacts"))
+LOGS = os.path.join(ART, "logs")
 N_NEW = int(os.environ.get("PEER_NEW_TOKENS", "128"))
 N_THREADS = int(os.environ.get("PEER_THREADS", "2"))
 N_RUNS = int(os.environ.get("PEER_RUNS", "3"))
