@@ -51,7 +51,8 @@ class EtProgram:
     """The .pte's methods plus runtime-owned per-layer KV buffers; counts decode layer calls."""
 
     def __init__(self, pte, n_layers: int, max_context: int, threads: Optional[int] = None,
-                 n_kv_heads: Optional[int] = None, head_dim: Optional[int] = None, methods: Optional[dict] = None):
+                 n_kv_heads: Optional[int] = None, head_dim: Optional[int] = None, methods: Optional[dict] = None,
+                 vocab_size: Optional[int] = None):
         rt, th = _runtime(threads)
         self.th = th
         self.n_layers, self.max_context = int(n_layers), int(max_context)
@@ -85,6 +86,10 @@ class EtProgram:
             raise FirstEdgeError(f"model.pte K/V are [{nkv} heads, {hd}] but the manifest says "
                                  f"[{n_kv_heads}, {head_dim}]")
         self.n_kv, self.hd = nkv, hd
+        vmeta = self.head_m.metadata.output_tensor_meta(0)
+        self.vocab_size = int(vmeta.sizes()[-1])
+        if vocab_size and vocab_size != self.vocab_size:
+            raise FirstEdgeError(f"model.pte has a vocabulary of {self.vocab_size}, the manifest says {vocab_size}")
         shape = (self.max_context, nkv, hd)
         self.k = [np.zeros(shape, np.float32) for _ in range(self.n_layers)]
         self.v = [np.zeros(shape, np.float32) for _ in range(self.n_layers)]
@@ -111,6 +116,8 @@ class EtProgram:
         T = ids.shape[1]
         if not 1 <= T < self.max_context:
             raise FirstEdgeError(f"prompt of {T} tokens does not fit the context of {self.max_context}")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise FirstEdgeError(f"token ids must be in 0..{self.vocab_size - 1}")
         out = self.prefill_m.execute([th.from_numpy(ids), th.tensor([float(threshold)], dtype=th.float32)])
         self.method_calls["prefill"] += 1
         L = self.n_layers
@@ -126,6 +133,8 @@ class EtProgram:
     def decode(self, token: int, position: int, mask: np.ndarray) -> np.ndarray:
         if not 0 <= position < self.max_context:
             raise FirstEdgeError(f"position {position} is outside the context of {self.max_context}")
+        if not 0 <= token < self.vocab_size:
+            raise FirstEdgeError(f"token id {token} is outside the vocabulary (0..{self.vocab_size - 1})")
         self._tok[0, 0] = int(token)
         self._pos[0] = int(position)
         h, cos, sin = self.embed_m.execute([self._tok, self._pos])
@@ -157,7 +166,7 @@ class EtBackend:
         self.max_context = bundle.max_context
         self.prog = EtProgram(bundle.file(files[0]), n_layers=self.n_layers, max_context=self.max_context,
                               threads=threads, n_kv_heads=model.get("n_kv_heads"), head_dim=model.get("head_dim"),
-                              methods=g.get("methods"))
+                              methods=g.get("methods"), vocab_size=model.get("vocab_size"))
 
     @property
     def layer_calls(self):

@@ -1,0 +1,221 @@
+"""ExecuTorch export + Python runtime: parity with the PyTorch reference, skipping, delegation, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from et_helpers import MAX_CONTEXT, ROOT, prompts, reference, tiny_bundle, workdir
+
+from runtime.bundle import Bundle, write_manifest
+from runtime.errors import FirstEdgeError
+from runtime.loop import SamplingConfig, generate
+
+N_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return tiny_bundle("none")
+
+
+@pytest.fixture(scope="module")
+def et_backend(bundle):
+    from runtime.backends import load_backend
+
+    return load_backend(Bundle(bundle), threads=1)
+
+
+def masks_for(L, seed):
+    rng = np.random.default_rng(seed)
+    m = rng.random(L) < 0.5
+    m[0] = True
+    return {"ones": np.ones(L, bool), "router": None, "random": m}
+
+
+def run(backend, ids, mask, threshold=0.5):
+    cfg = SamplingConfig(max_new_tokens=N_NEW, ignore_eos=True)
+    return generate(backend, ids, cfg, threshold=threshold, mask=mask, keep_logits=True)
+
+
+def test_manifest_and_constant_methods(bundle):
+    b = Bundle(bundle)
+    g = b.graphs
+    assert b.manifest["runtime"] == "executorch" and b.manifest["target"] == "android"
+    assert g["files"] == ["model.pte"] and g["decode_shape"] == "split"
+    assert g["methods"]["layers"] == [f"layer_{l}" for l in range(b.n_layers)]
+    from executorch.runtime import Runtime
+
+    prog = Runtime.get().load_program(str(bundle / "model.pte"))
+    names = set(prog.method_names)
+    for c in ("get_max_seq_len", "get_max_context_len", "get_bos_id", "get_eos_ids", "get_n_layers", "get_vocab_size"):
+        assert c in names
+    assert prog.load_method("get_n_layers").execute([])[0] == b.n_layers
+    assert prog.load_method("get_max_context_len").execute([])[0] == MAX_CONTEXT
+    assert prog.load_method("get_vocab_size").execute([])[0] == b.model["vocab_size"]
+
+
+def test_every_matmul_delegated_to_xnnpack(bundle):
+    """No linear/matmul op of any method runs on portable kernels (ExecuTorch's delegation info)."""
+    deleg = Bundle(bundle).graphs["delegation"]
+    assert set(deleg) >= {"prefill", "embed", "head", "layer_0"}
+    for method, d in deleg.items():
+        assert d["delegated_nodes"] > 0 or method == "embed", method
+        bad = [op for op in d["portable_ops"] if any(k in op for k in ("linear", "_mm_", "bmm", "matmul", "addmm"))]
+        assert not bad, (method, bad)
+
+
+def test_python_parity_with_reference(et_backend):
+    """>= 10 prompts x (all-ones, hand-set routers, random) masks: mask, scores, greedy tokens identical; logits 1e-3."""
+    from export.generate import TorchBackend
+
+    fm = reference()
+    ref = TorchBackend(fm, max_context=MAX_CONTEXT)
+    n_mixed = 0
+    worst = 0.0
+    for i, ids in enumerate(prompts()):
+        for kind, mask in masks_for(fm.n_layers, i).items():
+            a = run(ref, ids, mask)
+            b = run(et_backend, ids, mask)
+            assert np.array_equal(a.mask, b.mask), (i, kind)
+            np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+            assert a.tokens == b.tokens, (i, kind)
+            for la, lb in zip([a.first_logits] + a.step_logits, [b.first_logits] + b.step_logits):
+                worst = max(worst, float(np.abs(la - lb).max()))
+            if kind == "router" and not a.mask.all():
+                n_mixed += 1
+            # skipped layers are never called; kept ones once per decode step
+            calls = et_backend.layer_calls
+            for l in range(fm.n_layers):
+                assert calls[l] == (N_NEW - 1 if b.mask[l] else 0), (l, calls)
+    assert worst <= 1e-3, worst
+    assert n_mixed >= 3  # the hand-set routers really skip layers
+
+
+def test_threshold_mask_from_graph(et_backend):
+    """The prefill graph's layer_mask follows the runtime threshold (not baked in)."""
+    ids = prompts(1)[0]
+    _, s, m_lo = et_backend.prefill(ids, 0.0)
+    assert m_lo.all()
+    _, _, m_hi = et_backend.prefill(ids, 1.01)
+    assert not m_hi.any()
+    _, _, m_mid = et_backend.prefill(ids, float(np.median(s)))
+    assert np.array_equal(m_mid, s >= np.float32(np.median(s)))
+
+
+def test_kv_buffers_are_views_not_copies(et_backend):
+    """Per-layer buffers are allocated once for max_context; decode writes one row in place."""
+    prog = et_backend.prog
+    before = [b.__array_interface__["data"][0] for b in prog.k]
+    run(et_backend, prompts(1)[0], None)
+    after = [b.__array_interface__["data"][0] for b in prog.k]
+    assert before == after
+    assert prog.k[0].shape == (MAX_CONTEXT, prog.n_kv, prog.hd)
+
+
+def test_runtime_cli(bundle):
+    r = subprocess.run([sys.executable, "-m", "runtime", "--bundle", str(bundle), "--prompt", "w5 w6 w7",
+                        "--max-new-tokens", "5", "--ignore-eos", "--json", "--threads", "1"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    stats = json.loads(r.stdout.strip().splitlines()[-1])
+    assert stats["runtime"] == "executorch" and stats["new_tokens"] == 5
+
+
+def _copy(bundle, name):
+    dst = workdir() / f"bad_{name}"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def _edit_manifest(path, fn, rehash=True):
+    m = json.loads((path / "manifest.json").read_text())
+    fn(m)
+    if rehash:
+        write_manifest(path, m)
+    else:
+        (path / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("missing_method", "lacks the method"),
+    ("wrong_max_context", "max_context"),
+    ("garbage_pte", "cannot load"),
+    ("wrong_kv_heads", "K/V"),
+    ("fused_shape", "split"),
+    ("modified_pte", "sha256"),
+])
+def test_bad_bundles(bundle, case, expect):
+    from runtime.backends import load_backend
+
+    b = _copy(bundle, case)
+    if case == "missing_method":
+        _edit_manifest(b, lambda m: m["graphs"]["methods"]["layers"].__setitem__(0, "layer_zero"))
+    elif case == "wrong_max_context":
+        _edit_manifest(b, lambda m: m["model"].__setitem__("max_context", 100))
+    elif case == "garbage_pte":
+        (b / "model.pte").write_bytes(b"not a program")
+        _edit_manifest(b, lambda m: None)
+    elif case == "wrong_kv_heads":
+        _edit_manifest(b, lambda m: (m["model"].__setitem__("n_kv_heads", 4)))
+    elif case == "fused_shape":
+        _edit_manifest(b, lambda m: m["graphs"].__setitem__("decode_shape", "fused"))
+    elif case == "modified_pte":
+        with open(b / "model.pte", "ab") as f:
+            f.write(b"x")
+    with pytest.raises(FirstEdgeError, match=expect):
+        load_backend(Bundle(b), threads=1)
+    # and the CLI says so in one line, exit status 2, no traceback
+    r = subprocess.run([sys.executable, "-m", "runtime", "--bundle", str(b), "--prompt", "w5"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_bad_inputs(et_backend):
+    L = et_backend.n_layers
+    cfg = SamplingConfig(max_new_tokens=3)
+    with pytest.raises(FirstEdgeError, match="empty"):
+        generate(et_backend, [], cfg)
+    with pytest.raises(FirstEdgeError, match="context"):
+        generate(et_backend, [5] * MAX_CONTEXT, cfg)
+    with pytest.raises(FirstEdgeError, match="vocab|0\\.\\."):
+        generate(et_backend, [5, 10_000], cfg)
+    with pytest.raises(FirstEdgeError, match="length"):
+        generate(et_backend, [5, 6], cfg, mask=np.ones(L + 1, bool))
+    with pytest.raises(FirstEdgeError, match="--keep"):
+        generate(et_backend, [5, 6], cfg, keep=L + 1)
+    with pytest.raises(FirstEdgeError, match="outside the context"):
+        et_backend.decode(5, MAX_CONTEXT + 1, np.ones(L, bool))
+    # the context fills up: stops cleanly at max_context
+    res = generate(et_backend, [5] * (MAX_CONTEXT - 3), SamplingConfig(max_new_tokens=50, ignore_eos=True))
+    assert res.stop_reason == "max_context"
+
+
+def test_8da4w_bundle_agreement(capsys):
+    """The 8da4w build runs, skips like fp32, and its greedy tokens agree with the fp32 reference (rate reported)."""
+    from export.generate import TorchBackend
+    from runtime.backends import load_backend
+
+    b = tiny_bundle("8da4w")
+    bd = Bundle(b)
+    assert bd.manifest["quantization"] == "8da4w"
+    be = load_backend(bd, threads=1)
+    ref = TorchBackend(reference(), max_context=MAX_CONTEXT)
+    agree = total = 0
+    for i, ids in enumerate(prompts()):
+        mask = masks_for(be.n_layers, i)["random"]
+        a = run(ref, ids, mask)
+        q = run(be, ids, mask)
+        assert all(be.layer_calls[l] == 0 for l in range(be.n_layers) if not mask[l])
+        agree += sum(x == y for x, y in zip(a.tokens, q.tokens))
+        total += len(a.tokens)
+    rate = agree / total
+    with capsys.disabled():
+        print(f"\n[8da4w tiny model] greedy token agreement with the fp32 reference: {rate:.1%} ({agree}/{total})")
+    (workdir() / "8da4w_agreement.json").write_text(json.dumps({"agreement": rate}))
+    assert rate >= 0.3
