@@ -1,0 +1,285 @@
+#!/usr/bin/env python
+"""Decode-speed benchmark of the ExecuTorch bundle (Python and C++ runners) against optimum-executorch.
+
+    python bench/bench_et.py [--model DIR] [--run runs/NAME] [--quantize none,8da4w] [--keep K]
+                             [--threads 1,2] [--peers et-fp32,et-8da4w] [--runs 3] [--contexts 256,1024]
+
+Method (the peers' harness, bench/peers/peer_common.py): the SmolLM2 chat prompt of 58 tokens, 128 greedy
+tokens with EOS ignored, 1 warm-up + ``--runs`` timed runs in one child process per configuration, median;
+peak RSS = "Maximum resident set size" of ``/usr/bin/time -v`` around that child. prefill ms = prompt
+forward + first greedy pick; decode tok/s = 127 / (first to last new token). Torch (only glue in the
+Python runner and the peer) runs 1 thread; ExecuTorch's XNNPACK pool gets ``--threads`` (both 1 and 2 are
+measured: on the 2-core VM an idle core halts at once, so 2 threads can be slower than 1).
+
+Rows: our bundle with the all-ones mask and a FiRST mask (``--keep K`` layers, default 20 of 30, or the
+trained routers of ``--run``) on the same .pte, in the Python runner (``executorch.runtime``) and the C++
+runner (runtime/cpp, built here with CMake), and optimum-executorch's own XNNPACK export of the same model
+(custom SDPA + custom KV cache, fp32 and 8da4w) in its own virtual environment (``bash bench/peers/setup.sh et``).
+The ideal speedup of a mask is computed from the decode weights it skips (layers + LM head; the embedding
+lookup excluded). ``--contexts A,B`` also builds two fp32 bundles with different max_context and compares
+their per-token cost (it must not grow with max_context).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("FIRST_EDGE_CACHE", Path.home() / ".cache" / "first-edge"))
+PEERS = Path(os.environ.get("FIRST_EDGE_PEERS", CACHE / "peers"))
+USER_MSG = ("Explain in a few short paragraphs how a rainbow forms, why its colors always appear in the same "
+            "order, and why the sky is blue.")
+PEER_VARIANTS = {"et-fp32": "fp32", "et-8da4w": "8da4w"}
+
+
+# ------------------------------------------------------------------ child: the Python runner, runtime only
+def child(args):
+    sys.path.insert(0, str(ROOT))
+    from runtime.bundle import Bundle
+    from runtime.et_backend import EtBackend
+    from runtime.loop import SamplingConfig, generate
+    from runtime.masks import parse_mask
+    from runtime.tokenizer import BundleTokenizer
+
+    b = Bundle(args.bundle)
+    tok = BundleTokenizer(b)
+    be = EtBackend(b, threads=args.threads)
+    ids = tok.encode_prompt(USER_MSG)
+    cfg = SamplingConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
+    mask = parse_mask(args.mask, b.n_layers) if args.mask else None
+    kw = dict(mask=mask) if mask is not None else dict(keep=args.keep)
+    runs, res = [], None
+    for i in range(1 + args.runs):
+        res = generate(be, ids, cfg, pinned=b.pinned, default_threshold=b.default_threshold, **kw)
+        if i:
+            runs.append({"prefill_ms": round(res.prefill_ms, 2), "decode_tok_s": round(res.decode_tokens_per_s, 2)})
+    print(json.dumps({
+        "prefill_ms": statistics.median(r["prefill_ms"] for r in runs),
+        "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+        "runs": runs, "new_tokens": len(res.tokens), "prompt_tokens": len(ids),
+        "mask": "".join("1" if m else "0" for m in res.mask), "layers_kept": res.layers_kept,
+        "tokens": res.tokens, "text": tok.decode(res.tokens)[:80],
+    }))
+
+
+# ------------------------------------------------------------------ parent
+def timed_child(cmd, env=None):
+    load = os.getloadavg()[0]
+    p = subprocess.run(["/usr/bin/time", "-v"] + [str(c) for c in cmd], capture_output=True, text=True, env=env,
+                       cwd=str(ROOT))
+    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    if p.returncode != 0 or not lines:
+        err = [l for l in p.stderr.strip().splitlines() if "error" in l.lower()] or p.stderr.strip().splitlines() or [""]
+        return {"error": f"rc={p.returncode}: {err[-1][:200]}"}
+    d = json.loads(lines[-1])
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+    if m:
+        d["peak_rss_mb"] = round(int(m.group(1)) / 1024, 1)
+    d["load_before"] = round(load, 2)
+    return d
+
+
+def ensure_bundle(name, model, run, quantize, max_context, rebuild):
+    out = ROOT / "dist" / "bench" / name
+    if (out / "manifest.json").exists() and not rebuild:
+        return out
+    cmd = [sys.executable, "-m", "export.build", "--target", "android", "--quantize", quantize, "--out", str(out),
+           "--max-context", str(max_context)]
+    if model:
+        cmd += ["--model", model]
+    if run:
+        cmd += ["--run", run]
+    print(f"# building {out} (ExecuTorch export + XNNPACK lowering takes minutes) ...", file=sys.stderr)
+    t = time.time()
+    subprocess.run(cmd, check=True, cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    print(f"# built in {time.time() - t:.0f}s", file=sys.stderr)
+    return out
+
+
+def cpp_runner() -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from et_helpers import cpp_build  # noqa: E402  (same CMake build as the tests)
+
+    return cpp_build() / "first_edge_run"
+
+
+def prompt_ids(bundle: Path):
+    sys.path.insert(0, str(ROOT))
+    from runtime.bundle import Bundle
+    from runtime.tokenizer import BundleTokenizer
+
+    return BundleTokenizer(Bundle(bundle, verify_hashes=False)).encode_prompt(USER_MSG)
+
+
+def weights(model_dir):
+    """Decode weight counts per layer and of the LM head (from the model config)."""
+    from transformers import AutoConfig
+
+    sys.path.insert(0, str(ROOT))
+    from export.loading import default_model_dir
+
+    c = AutoConfig.from_pretrained(model_dir or str(default_model_dir(verbose=False)))
+    D, I = c.hidden_size, c.intermediate_size
+    hd = getattr(c, "head_dim", None) or D // c.num_attention_heads
+    nkv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    layer = D * c.num_attention_heads * hd * 2 + D * nkv * hd * 2 + 3 * D * I
+    return [layer] * c.num_hidden_layers, D * c.vocab_size
+
+
+def ideal_speedup(layers, head, mask: str):
+    return (sum(layers) + head) / (sum(w for w, m in zip(layers, mask) if m == "1") + head)
+
+
+def ours_py(bundle, mask_args, threads, args):
+    cmd = [sys.executable, Path(__file__).resolve(), "--child", "--bundle", bundle, "--runs", args.runs,
+           "--threads", threads, "--new-tokens", args.new_tokens] + mask_args
+    return timed_child(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+
+
+def ours_cpp(exe, bundle, ids, mask_args, threads, args):
+    cmd = [exe, "--bundle", bundle, "--ids", ",".join(map(str, ids)), "--max-new-tokens", args.new_tokens,
+           "--ignore-eos", "--threads", threads, "--runs", args.runs, "--warmup", 1] + mask_args
+    d = timed_child(cmd)
+    if "decode_tokens_per_s" in d:
+        d["decode_tok_s"] = d.pop("decode_tokens_per_s")
+        d["runs"] = [{"decode_tok_s": x} for x in d.get("decode_tokens_per_s_runs", [])]
+    return d
+
+
+def peer(name, threads, args):
+    variant = PEER_VARIANTS[name]
+    py = PEERS / "venv-et" / "bin" / "python"
+    if not py.exists():
+        return {"error": f"{py} missing (bash bench/peers/setup.sh et)"}
+    env = dict(os.environ, PEER_RUNS=str(args.runs), PEER_THREADS=str(threads), PEER_NEW_TOKENS=str(args.new_tokens),
+               HF_HUB_OFFLINE="1")
+    if args.model:
+        env["SMOLLM2_HF"] = args.model
+    p = subprocess.run([str(py), str(HERE / "peers" / "peer_executorch.py"), "--variant", variant],
+                       capture_output=True, text=True, env=env, cwd=str(HERE / "peers"))
+    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    if not lines:
+        return {"error": f"rc={p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1][:200]}"}
+    d = json.loads(lines[-1])
+    d.setdefault("load_before", d.get("load_avg_1m_before"))
+    return d
+
+
+def fmt_range(d):
+    r = [x["decode_tok_s"] for x in d.get("runs", []) if "decode_tok_s" in x]
+    return f"{min(r):.0f}–{max(r):.0f}" if r else ""
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bundle", help=argparse.SUPPRESS)
+    ap.add_argument("--mask", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--run", help="finetuning run folder with trained routers (FiRST mask from the routers)")
+    ap.add_argument("--keep", type=int, default=None,
+                    help="FiRST mask by layer budget K (default without --run: 20 of 30 layers)")
+    ap.add_argument("--quantize", default="none,8da4w")
+    ap.add_argument("--runners", default="cpp,py")
+    ap.add_argument("--threads", default="1,2", help="XNNPACK thread counts to measure")
+    ap.add_argument("--peers", default="et-fp32,et-8da4w")
+    ap.add_argument("--contexts", default="", help="e.g. 256,1024: per-token cost at two max_context values")
+    ap.add_argument("--max-context", type=int, default=512)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--json", help="also write all rows as JSON lines to this file")
+    args = ap.parse_args()
+    if args.child:
+        args.threads = int(args.threads)
+        return child(args)
+
+    rows = []
+    tag = Path(args.model).name if args.model else "smollm2"
+    if args.run:
+        tag += "-" + Path(args.run).name
+    first = (["--keep", str(args.keep)] if args.keep else ([] if args.run else ["--keep", "20"]))
+    threads = [int(t) for t in args.threads.split(",")]
+    layers, head = weights(args.model)
+    L = len(layers)
+    exe = cpp_runner() if "cpp" in args.runners else None
+    bundles = {q: ensure_bundle(f"et-{tag}-{q}-ctx{args.max_context}", args.model, args.run, q, args.max_context,
+                                args.rebuild) for q in args.quantize.split(",") if q}
+    ids = prompt_ids(next(iter(bundles.values()))) if bundles else []
+    ref_tokens = {}
+    for q, b in bundles.items():
+        for runner in args.runners.split(","):
+            for t in threads:
+                def go(mask_args):
+                    return (ours_cpp(exe, b, ids, mask_args, t, args) if runner == "cpp"
+                            else ours_py(b, mask_args, t, args))
+
+                base = go(["--mask", "1" * L])
+                rname = "C++" if runner == "cpp" else "Python"
+                rows.append(dict(base, name=f"FiRST-Edge {q} {rname} runner, {t} thr, all-ones mask", q=q, t=t))
+                if "tokens" in base:
+                    ref_tokens.setdefault(q, base["tokens"])
+                fr = go(first)
+                name = f"FiRST-Edge {q} {rname} runner, {t} thr, FiRST mask"
+                if "mask" in fr and "decode_tok_s" in base:
+                    ideal = ideal_speedup(layers, head, fr["mask"])
+                    got = fr["decode_tok_s"] / base["decode_tok_s"]
+                    fr.update(ideal=ideal, speedup=got, frac_ideal=got / ideal if ideal > 1 else float("nan"))
+                    name += f" ({fr['layers_kept']}/{L} layers)"
+                rows.append(dict(fr, name=name, q=q, t=t))
+    agreement = None
+    if "none" in ref_tokens and "8da4w" in ref_tokens:
+        a, b8 = ref_tokens["none"], ref_tokens["8da4w"]
+        agreement = sum(x == y for x, y in zip(a, b8)) / max(1, len(a))
+    ctx = {}
+    if args.contexts and exe:
+        for c in (int(x) for x in args.contexts.split(",")):
+            b = ensure_bundle(f"et-{tag}-none-ctx{c}", args.model, args.run, "none", c, args.rebuild)
+            d = ours_cpp(exe, b, ids, ["--mask", "1" * L], 1, args)
+            ctx[c] = d
+            rows.append(dict(d, name=f"FiRST-Edge none C++ runner, 1 thr, all-ones, max_context={c}"))
+    for p in [p for p in args.peers.split(",") if p]:
+        for t in threads:
+            d = peer(p, t, args)
+            rows.append(dict(d, name=f"peer optimum-executorch {PEER_VARIANTS[p]}, {t} thr: {d.get('variant', '')}",
+                             q="none" if p == "et-fp32" else "8da4w", t=t, peer=True))
+
+    peer_speed = {(r["q"], r["t"]): r.get("decode_tok_s") for r in rows if r.get("peer")}
+    print(f"\n## FiRST-Edge ExecuTorch benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {args.new_tokens} greedy tokens, "
+          f"{len(ids)}-token prompt, median of {args.runs} runs after 1 warm-up)\n")
+    print("| configuration | prefill ms | decode tok/s | range | vs optimum-executorch (same precision, threads) | "
+          "FiRST speedup / ideal | peak RSS MB | load | text / tokens |")
+    print("|---|---:|---:|---|---:|---|---:|---:|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['name']} | | | | | | | | error: {r['error'][:120]} |")
+            continue
+        ps = peer_speed.get((r.get("q"), r.get("t")))
+        vs = f"{r['decode_tok_s'] / ps:.2f}x" if ps and not r.get("peer") else ""
+        sp = f"{r['speedup']:.2f}x / {r['ideal']:.2f}x = {r['frac_ideal']:.2f}" if "ideal" in r else ""
+        text = str(r.get("text", "") or (str(r.get("tokens", ""))[:40]))[:40].replace("\n", "\\n").replace("|", "\\|")
+        print(f"| {r['name']} | {r['prefill_ms']:.0f} | **{r['decode_tok_s']:.1f}** | {fmt_range(r)} | {vs} | {sp} | "
+              f"{r.get('peak_rss_mb', 0):.0f} | {r.get('load_before', '')} | {text} |")
+    if agreement is not None:
+        print(f"\n8da4w vs fp32 greedy token agreement (all-ones, first runner): {agreement:.1%}")
+    if len(ctx) == 2 and all("decode_tok_s" in d for d in ctx.values()):
+        (a, da), (b, db) = sorted(ctx.items())
+        print(f"\nper-token cost vs max_context: {a}: {1e3 / da['decode_tok_s']:.2f} ms/token, "
+              f"{b}: {1e3 / db['decode_tok_s']:.2f} ms/token")
+    print(f"\nload average now: {os.getloadavg()[0]:.2f} (other processes on the machine make the numbers noisy)")
+    if args.json:
+        with open(args.json, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
