@@ -52,8 +52,8 @@ class TrainConfig:
     max_prompt_tokens: int = 256
     max_completion_tokens: int = 32
     batch_size: int = 8
-    soft_steps: int = 60
-    hard_steps: int = 90
+    soft_steps: int = 25
+    hard_steps: int = 45
     lora_steps: int = 0              # only with --lora
     lr: float = 1e-2                 # routers
     lora_lr: float = 5e-4
@@ -76,7 +76,7 @@ class TrainConfig:
 PRESETS: Dict[str, dict] = {
     # <= 15 minutes on 2 CPU cores including the prompt cache (measured: see docs/finetuning.md)
     "quick": dict(per_task=48, max_prompt_tokens=256, max_completion_tokens=32, batch_size=8,
-                  soft_steps=60, hard_steps=90, lora_steps=30),
+                  soft_steps=25, hard_steps=45, lora_steps=20),
     # the documented full run (hours on 2 cores)
     "full": dict(per_task=250, max_prompt_tokens=384, max_completion_tokens=48, batch_size=16,
                  soft_steps=300, hard_steps=600, lora_steps=200),
@@ -232,19 +232,15 @@ def layer_with_prompt_cache(fm: FirstModel, l: int, h, cos, sin, pk, pv, attn_ma
     q = att.q_proj(x).view(B, T, fm.n_heads, fm.head_dim).transpose(1, 2)
     k = att.k_proj(x).view(B, T, fm.n_kv_heads, fm.head_dim).transpose(1, 2)
     v = att.v_proj(x).view(B, T, fm.n_kv_heads, fm.head_dim).transpose(1, 2)
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    c, s = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
     from .model import rotate_half
 
     q = q * c + rotate_half(q) * s
     k = k * c + rotate_half(k) * s
     kk = torch.cat([pk.to(k.dtype), k], dim=2)
-    vv = torch.cat([pv.to(v.dtype), v], dim=2)
-    rep = fm.n_heads // fm.n_kv_heads
-    if rep > 1:
-        S = kk.shape[2]
-        kk = kk[:, :, None].expand(B, fm.n_kv_heads, rep, S, fm.head_dim).reshape(B, fm.n_heads, S, fm.head_dim)
-        vv = vv[:, :, None].expand(B, fm.n_kv_heads, rep, S, fm.head_dim).reshape(B, fm.n_heads, S, fm.head_dim)
-    o = F.scaled_dot_product_attention(q, kk, vv.to(q.dtype), attn_mask=attn_mask, scale=fm.scaling)
+    vv = torch.cat([pv.to(k.dtype), v.to(k.dtype)], dim=2)
+    o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=attn_mask, scale=fm.scaling,
+                                       enable_gqa=fm.n_heads != fm.n_kv_heads)
     o = o.transpose(1, 2).reshape(B, T, fm.n_heads * fm.head_dim)
     h = h + att.o_proj(o)
     h = h + lay.mlp(lay.post_attention_layernorm(h))
@@ -301,7 +297,7 @@ def losses(logits, b, gates, cfg: TrainConfig):
     else:
         lat = cfg.lam * F.relu(keep - cfg.target_keep)
     total = cfg.ce * ce + cfg.kd * kd + lat
-    return total, {"loss": float(total), "ce": float(ce), "kd": float(kd), "lat": float(lat)}
+    return total, {"loss": total.item(), "ce": ce.item(), "kd": kd.item(), "lat": lat.item()}
 
 
 # ------------------------------------------------------------------ LoRA phase (full mixed forward)
@@ -504,7 +500,11 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
     if bar is not None:
         bar.close()
     train_s = time.time() - t_train
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
     summary = {"steps": total, "final": last, "cache_s": round(cache_s, 1), "train_s": round(train_s, 1),
+               "cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "threads": torch.get_num_threads(),
                "total_s": round(time.time() - t_start, 1), "examples": len(cache), "tasks": tasks,
                "data": str(data_dir), "config": asdict(cfg)}
     extra = {"lora": bool(lora_opt is not None), "model_dir": str(Path(model).resolve()) if model else None,
@@ -522,7 +522,8 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
         p.requires_grad_(False)
     if verbose:
         print(f"[finetune] wrote {out}/routers.safetensors{' and lora/' if lora_opt is not None else ''} "
-              f"in {summary['total_s']:.0f} s (cache {cache_s:.0f} s, training {train_s:.0f} s); final: "
+              f"in {summary['total_s']:.0f} s (cache {cache_s:.0f} s, training {train_s:.0f} s; CPU time "
+              f"{summary['cpu_s']:.0f} s); final: "
               f"loss {last.get('loss', float('nan')):.3f}, layers skipped at tau={cfg.tau}: "
               f"{last.get('skipped_at_tau', 0):.1f}/{fm.n_layers}", file=sys.stderr)
     return summary

@@ -88,6 +88,11 @@ def test_shared_prefill_backend_equals_fresh_generator(tiny_dir):
         b = generate(TorchBackend(fm, 64), ids, sc, threshold=thr)
         assert a.tokens == b.tokens and np.array_equal(a.mask, b.mask)
     assert shared.prefills == 1
+    other = [5, 6, 7]
+    for p in (other, ids, other):  # remembered prompts get their K/V back, not recomputed
+        a = generate(shared, p, sc, mask=masks[1])
+        assert a.tokens == generate(TorchBackend(fm, 64), p, sc, mask=masks[1]).tokens
+    assert shared.prefills == 2
 
 
 # ---------------------------------------------------------------- the protocol end to end
