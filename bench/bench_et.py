@@ -189,7 +189,8 @@ def main():
                     help="FiRST mask by layer budget K (default without --run: 20 of 30 layers)")
     ap.add_argument("--quantize", default="none,8da4w")
     ap.add_argument("--runners", default="cpp,py")
-    ap.add_argument("--threads", default="1,2", help="XNNPACK thread counts to measure")
+    ap.add_argument("--threads", default="1,2", help="XNNPACK thread counts to measure (C++ runner and peers)")
+    ap.add_argument("--py-threads", default=None, help="thread counts for the Python runner (default: --threads)")
     ap.add_argument("--peers", default="et-fp32,et-8da4w")
     ap.add_argument("--contexts", default="", help="e.g. 256,1024: per-token cost at two max_context values")
     ap.add_argument("--max-context", type=int, default=512)
@@ -217,7 +218,7 @@ def main():
     ref_tokens = {}
     for q, b in bundles.items():
         for runner in args.runners.split(","):
-            for t in threads:
+            for t in (threads if runner == "cpp" or not args.py_threads else [int(x) for x in args.py_threads.split(",")]):
                 def go(mask_args):
                     return (ours_cpp(exe, b, ids, mask_args, t, args) if runner == "cpp"
                             else ours_py(b, mask_args, t, args))
@@ -256,18 +257,19 @@ def main():
     print(f"\n## FiRST-Edge ExecuTorch benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {args.new_tokens} greedy tokens, "
           f"{len(ids)}-token prompt, median of {args.runs} runs after 1 warm-up)\n")
     print("| configuration | prefill ms | decode tok/s | range | vs optimum-executorch (same precision, threads) | "
-          "FiRST speedup / ideal | peak RSS MB | load | text / tokens |")
-    print("|---|---:|---:|---|---:|---|---:|---:|---|")
+          "FiRST speedup / ideal | decode CPU ms/token | peak RSS MB | load | text / tokens |")
+    print("|---|---:|---:|---|---:|---|---:|---:|---:|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['name']} | | | | | | | | error: {r['error'][:120]} |")
+            print(f"| {r['name']} | | | | | | | | | error: {r['error'][:120]} |")
             continue
         ps = peer_speed.get((r.get("q"), r.get("t")))
         vs = f"{r['decode_tok_s'] / ps:.2f}x" if ps and not r.get("peer") else ""
         sp = f"{r['speedup']:.2f}x / {r['ideal']:.2f}x = {r['frac_ideal']:.2f}" if "ideal" in r else ""
         text = str(r.get("text", "") or (str(r.get("tokens", ""))[:40]))[:40].replace("\n", "\\n").replace("|", "\\|")
+        cpu = f"{r['decode_cpu_ms_per_token']:.1f}" if r.get("decode_cpu_ms_per_token") else ""
         print(f"| {r['name']} | {r['prefill_ms']:.0f} | **{r['decode_tok_s']:.1f}** | {fmt_range(r)} | {vs} | {sp} | "
-              f"{r.get('peak_rss_mb', 0):.0f} | {r.get('load_before', '')} | {text} |")
+              f"{cpu} | {r.get('peak_rss_mb', 0):.0f} | {r.get('load_before', '')} | {text} |")
     if agreement is not None:
         print(f"\n8da4w vs fp32 greedy token agreement (all-ones, first runner): {agreement:.1%}")
     if len(ctx) == 2 and all("decode_tok_s" in d for d in ctx.values()):

@@ -94,13 +94,14 @@ int main(int argc, char** argv) {
   if (!s) return fail(s.message);
   opt.keep_logits = !dump.empty();
   GenerateResult r;
-  std::vector<double> pre, dec;
+  std::vector<double> pre, dec, cpu;
   for (int k = 0; k < warmup + runs; k++) {
     s = runner->generate(ids, opt, &r);
     if (!s) return fail(s.message);
     if (k >= warmup) {
       pre.push_back(r.prefill_ms);
       dec.push_back(r.decode_tokens_per_s());
+      if (r.tokens.size() > 1) cpu.push_back(1e3 * r.decode_cpu_s / (r.tokens.size() - 1));
     }
   }
   auto median = [](std::vector<double> x) {
@@ -122,9 +123,9 @@ int main(int argc, char** argv) {
     kept += m;
   }
   std::printf("{\"runtime\": \"executorch-cpp\", \"prompt_tokens\": %d, \"new_tokens\": %zu, \"prefill_ms\": %.3f, "
-              "\"decode_tokens_per_s\": %.3f, \"layers_kept\": %d, \"n_layers\": %d, \"mask\": \"%s\", "
+              "\"decode_tokens_per_s\": %.3f, \"decode_cpu_ms_per_token\": %.3f, \"layers_kept\": %d, \"n_layers\": %d, \"mask\": \"%s\", "
               "\"stop_reason\": \"%s\", \"threads\": %d, \"runs\": %d, \"tokens\": [",
-              r.prompt_tokens, r.tokens.size(), median(pre), median(dec), kept, I.n_layers, mask.c_str(),
+              r.prompt_tokens, r.tokens.size(), median(pre), median(dec), cpu.empty() ? 0.0 : median(cpu), kept, I.n_layers, mask.c_str(),
               r.stop_reason.c_str(), threads, runs);
   for (size_t i = 0; i < r.tokens.size(); i++) std::printf("%s%lld", i ? ", " : "", (long long)r.tokens[i]);
   std::printf("], \"scores\": [");

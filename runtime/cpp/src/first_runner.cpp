@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <ctime>
 #include <fstream>
 #include <numeric>
 #include <random>
@@ -442,6 +443,7 @@ Status Runner::generate(const std::vector<int64_t>& ids, const GenerateOptions& 
   r.stop_reason = "max_new_tokens";
   int64_t pos = (int64_t)ids.size();
   auto t1 = std::chrono::steady_clock::now();
+  std::clock_t c1 = std::clock();
   while (true) {
     if (eos.count(tok) && !opt.ignore_eos) {
       r.stop_reason = "eos";
@@ -461,6 +463,7 @@ Status Runner::generate(const std::vector<int64_t>& ids, const GenerateOptions& 
     if (on_token) on_token(tok);
   }
   r.decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+  r.decode_cpu_s = double(std::clock() - c1) / CLOCKS_PER_SEC;
   r.scores = scores;
   r.layer_calls = layer_calls_;
   r.prompt_tokens = (int)ids.size();

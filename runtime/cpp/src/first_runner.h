@@ -58,6 +58,7 @@ struct GenerateResult {
   std::vector<int64_t> layer_calls;  // decode-time executions per layer
   int prompt_tokens = 0;
   double prefill_ms = 0, decode_s = 0;
+  double decode_cpu_s = 0;  // process CPU time of the decode steps (all threads)
   std::string stop_reason;
   std::vector<std::vector<float>> logits;  // first (prefill) + every decode step, when keep_logits
   double decode_tokens_per_s() const {
