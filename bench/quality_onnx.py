@@ -7,7 +7,7 @@ running on the ONNX Runtime backend (prints a table).
 
 Per task, the ``val`` records (first ``--limit``), greedy decoding, scored with the metric each record
 names (``export.metrics.score``, the evaluator's metric code), under the all-ones mask and the
-routers' own mask (the bundle's default threshold; identical to all-ones for untrained routers).
+routers' own mask (the bundle's default threshold; skipped for untrained routers, which keep every layer).
 Also reports, per bundle, the mean decode layers kept and the token agreement with the first bundle.
 """
 from __future__ import annotations
@@ -50,7 +50,8 @@ def main():
         be = OrtBackend(b, threads=args.threads)
         eos = b.eos_ids
         t0 = time.time()
-        for mode in ("all-ones", "routers"):
+        modes = ("all-ones",) if b.routing.get("router_source") == "untrained" else ("all-ones", "routers")
+        for mode in modes:
             res_task, kept, agree = {}, [], []
             for task, recs in per_task.items():
                 s = []
@@ -65,7 +66,7 @@ def main():
                     key = (mode, task, i)
                     if bi == 0:
                         first_tokens[key] = r.tokens
-                    else:
+                    elif key in first_tokens:
                         ref = first_tokens[key]
                         n = min(len(ref), len(r.tokens))
                         agree.append(float(np.mean([a == c for a, c in zip(ref[:n], r.tokens[:n])])) if n else 0.0)
