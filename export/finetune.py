@@ -48,8 +48,8 @@ CACHE_FORMAT = 1
 
 @dataclass
 class TrainConfig:
-    per_task: int = 48               # training records per task (0 = all)
-    max_prompt_tokens: int = 256
+    per_task: int = 32               # training records per task (0 = all)
+    max_prompt_tokens: int = 192
     max_completion_tokens: int = 32
     batch_size: int = 8
     soft_steps: int = 25
@@ -75,7 +75,7 @@ class TrainConfig:
 
 PRESETS: Dict[str, dict] = {
     # <= 15 minutes on 2 CPU cores including the prompt cache (measured: see docs/finetuning.md)
-    "quick": dict(per_task=48, max_prompt_tokens=256, max_completion_tokens=32, batch_size=8,
+    "quick": dict(per_task=32, max_prompt_tokens=192, max_completion_tokens=32, batch_size=8,
                   soft_steps=25, hard_steps=45, lora_steps=20),
     # the documented full run (hours on 2 cores)
     "full": dict(per_task=250, max_prompt_tokens=384, max_completion_tokens=48, batch_size=16,
@@ -419,6 +419,8 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
             raise FirstEdgeError(f"{ckpt_file} was written for other data or settings; start a new --out")
         fm.routers.load_state_dict(state["routers"])
         opt.load_state_dict(state["opt"])
+        for grp in opt.param_groups:  # settings given now apply from the resume point on
+            grp["lr"] = cfg.lr
         start = int(state["step"]) + 1
         if verbose:
             print(f"[finetune] resuming {out} at step {start}", file=sys.stderr)
