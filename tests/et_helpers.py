@@ -24,37 +24,37 @@ def workdir() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_model_and_run():
+def tiny_model_and_run(layers: int = 6):
     """A tiny llama folder plus a run folder with hand-set routers (scores straddle 0.5: mixed masks)."""
     from helpers import randomize_routers, save_tiny_model_dir
 
     from export.model import build_first_model
 
     d = workdir()
-    model_dir = save_tiny_model_dir(d / "tiny_model", "llama")
+    model_dir = save_tiny_model_dir(d / f"tiny_model_{layers}", "llama", layers=layers)
     fm, _ = build_first_model(str(model_dir), verbose=False)
     randomize_routers(fm, seed=1)
-    run = d / "run"
+    run = d / f"run_{layers}"
     fm.save_routers(run)
     return model_dir, run
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_bundle(quantize: str = "none") -> Path:
+def tiny_bundle(quantize: str = "none", layers: int = 6) -> Path:
     from export.build import build
 
-    model_dir, run = tiny_model_and_run()
-    out = workdir() / f"bundle_{quantize}"
+    model_dir, run = tiny_model_and_run(layers)
+    out = workdir() / f"bundle_{quantize}_{layers}"
     build("android", out, model=str(model_dir), run=str(run), quantize=quantize, max_context=MAX_CONTEXT,
           verbose=False)
     return out
 
 
 @functools.lru_cache(maxsize=None)
-def reference():
+def reference(layers: int = 6):
     from export.model import build_first_model
 
-    model_dir, run = tiny_model_and_run()
+    model_dir, run = tiny_model_and_run(layers)
     fm, tok = build_first_model(str(model_dir), str(run), verbose=False)
     return fm
 
