@@ -42,6 +42,8 @@ MS = "com.microsoft"
 DECODE_SHAPES = ("fused", "split", "both")
 DEFAULT_DECODE_SHAPE = "fused"  # measured faster on the 2-core CPU (docs/onnx.md)
 BLOCK_SIZE = 32
+ASYMMETRIC = False  # True: per-block zero points for MatMulNBits (tried: no measurable quality gain, docs/onnx.md)
+EMBED_MIN_BITS = 0  # e.g. 8: keep the embedding table at >= 8 bits (tried: no measurable quality gain)
 QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
 PARITY_ATOL = 1e-3
 ROUTER_EPS = 1e-6
@@ -99,6 +101,35 @@ class Weights:
 
 
 # ------------------------------------------------------------------ int8 / int4 weights
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 values (< 2^bits) packed along the last axis, low-order bits first (MatMulNBits layout)."""
+    if bits == 8:
+        return q.astype(np.uint8)
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), q.dtype)], -1)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def quantize_blockwise_asym(w: np.ndarray, bits: int, block: int = BLOCK_SIZE):
+    """Asymmetric (min/max, per-block zero point) RTN quantization for MatMulNBits.
+
+    Returns (B uint8 [N, k_blocks, blob], scales float32 [N, k_blocks], packed zero points uint8
+    [N, ceil(k_blocks * bits / 8)])."""
+    N, K = w.shape
+    kb = -(-K // block)
+    pad = kb * block - K
+    wp = np.pad(w, ((0, 0), (0, pad))) if pad else w
+    wb = wp.reshape(N, kb, block).astype(np.float32)
+    qmax = 2 ** bits - 1
+    lo = np.minimum(wb.min(axis=2, keepdims=True), 0.0)
+    hi = np.maximum(wb.max(axis=2, keepdims=True), 0.0)
+    scale = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)
+    zp = np.clip(np.rint(-lo / scale), 0, qmax).astype(np.int32)
+    q = np.clip(np.rint(wb / scale) + zp, 0, qmax).astype(np.uint8)
+    return (np.ascontiguousarray(_pack(q, bits)), np.ascontiguousarray(scale[..., 0]),
+            np.ascontiguousarray(_pack(zp[..., 0].astype(np.uint8), bits)))
+
+
 def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK_SIZE):
     """Symmetric round-to-nearest per-block quantization of a torch Linear weight [N, K] for MatMulNBits.
 
@@ -150,8 +181,14 @@ class G:
         if self.bits is None:
             y = self.op("MatMul", [x, self.const(prefix + ".weight", np.ascontiguousarray(w.T))], name=prefix)[0]
         else:
-            q, s = quantize_blockwise(w, self.bits)
-            y = self.op("MatMulNBits", [x, self.const(prefix + ".qweight", q), self.const(prefix + ".scales", s)],
+            if ASYMMETRIC:
+                q, s, zp = quantize_blockwise_asym(w, self.bits)
+                ins = [x, self.const(prefix + ".qweight", q), self.const(prefix + ".scales", s),
+                       self.const(prefix + ".zero_points", zp)]
+            else:
+                q, s = quantize_blockwise(w, self.bits)
+                ins = [x, self.const(prefix + ".qweight", q), self.const(prefix + ".scales", s)]
+            y = self.op("MatMulNBits", ins,
                         domain=MS, name=prefix, K=K, N=N, bits=self.bits, block_size=BLOCK_SIZE,
                         accuracy_level=4)[0]
         if b is not None:
@@ -164,10 +201,11 @@ class G:
         if self.bits is None:
             return self.op("Gather", [self.const("embed_tokens.weight", W.embed), ids], name="embed_tokens",
                            outputs=outs)[0]
-        q, s = quantize_blockwise(W.embed, self.bits)
+        bits = max(self.bits, EMBED_MIN_BITS)
+        q, s = quantize_blockwise(W.embed, bits)
         return self.op("GatherBlockQuantized", [self.const("embed_tokens.qweight", q.reshape(W.V, -1)), ids,
                                                 self.const("embed_tokens.scales", s)],
-                       domain=MS, name="embed_tokens", outputs=outs, bits=self.bits, block_size=BLOCK_SIZE,
+                       domain=MS, name="embed_tokens", outputs=outs, bits=bits, block_size=BLOCK_SIZE,
                        gather_axis=0, quantize_axis=1)[0]
 
     def rmsnorm(self, x: str, w: np.ndarray, eps: float, prefix: str) -> str:
@@ -477,7 +515,7 @@ def build_graphs(fm, out_dir, *, quantize: str = "none", max_context: int = 1024
         },
         "opset": OPSET,
         "weights": "float32" if bits is None else f"MatMulNBits int{bits} block {BLOCK_SIZE} symmetric, "
-                                                  f"accuracy_level 4; embeddings GatherBlockQuantized int{bits}",
+                                                  f"accuracy_level 4; embeddings GatherBlockQuantized int{max(bits, EMBED_MIN_BITS)}",
         "dtype": "float32",
     }
     if verbose:

@@ -344,3 +344,25 @@ def test_cli_runs_bundle_and_reports_errors(bundle_dir):
     p = _cli(["--bundle", str(bundle_dir), "--prompt", "w5", "--backend-opt", "decode_shape=split", "--keep", "3",
               "--max-new-tokens", "3", "--stream"])
     assert p.returncode == 0 and "layers kept 3/6" in p.stderr, p.stderr
+
+
+def test_blockwise_quantizers_round_trip():
+    from export.onnx_export import BLOCK_SIZE, quantize_blockwise, quantize_blockwise_asym
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 96)).astype(np.float32)
+    for bits in (4, 8):
+        q, s = quantize_blockwise(w, bits)
+        vals = q.reshape(8, 3, -1)
+        if bits == 4:
+            vals = np.stack([vals & 15, vals >> 4], -1).reshape(8, 3, BLOCK_SIZE)
+        deq = (vals.astype(np.float32) - 2 ** (bits - 1)) * s[..., None]
+        assert np.abs(deq.reshape(8, 96) - w).max() <= s.max() / 2 + 1e-6
+        q, s, zp = quantize_blockwise_asym(w, bits)
+        vals = q.reshape(8, 3, -1)
+        z = zp.astype(np.int32)
+        if bits == 4:
+            vals = np.stack([vals & 15, vals >> 4], -1).reshape(8, 3, BLOCK_SIZE)
+            z = np.stack([z & 15, z >> 4], -1).reshape(8, -1)[:, :3]
+        deq = (vals.astype(np.float32) - z[..., None]) * s[..., None]
+        assert np.abs(deq.reshape(8, 96) - w).max() <= s.max() / 2 + 1e-5
