@@ -313,6 +313,10 @@ def plot(res: dict, out: Path):
                 ax.errorbar(xs, ys, yerr=[lo, hi], fmt=mk + "--", color=c, capsize=2, lw=1, label=BASELINE_LABELS[kind])
             else:
                 ax.plot(xs, ys, mk + "--", color=c, lw=1, label=BASELINE_LABELS.get(kind, kind))
+        allq = [p[1] for p in pts] + [r["quality"] for rows_ in tr["baselines"].values() for r in rows_]
+        if max(allq) <= 0:  # nothing scored: a readable empty axis instead of a 1e-17 offset
+            ax.set_ylim(-0.05, 1.0)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_title(f"{t} ({tr['metric']}, n={tr['n']})")
         ax.set_xlabel("decode layers skipped (fraction)")
         ax.set_ylabel(tr["metric"])
