@@ -1,7 +1,8 @@
 """The main job on the embedded default model, end to end.
 
 1. finetune routers with the ``quick`` preset (``python -m export.finetune``; reused if the run exists),
-2. evaluate them on a slice of the val split (``python -m export.evaluate``; its report goes into the bundles),
+2. with ``--eval``: evaluate them on a slice of the val split (``python -m export.evaluate``; its report
+   goes into the bundles),
 3. build the Raspberry Pi bundle (ONNX Runtime) and the Android bundle (ExecuTorch),
 4. run both bundles on their device runtimes with the routers' mask and with every layer,
    and print the decode speedups side by side.
@@ -65,7 +66,10 @@ def main(argv=None):
     ap.add_argument("--dist", default="dist", help="where the bundles go")
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--retrain", action="store_true", help="finetune again even if the run exists")
-    ap.add_argument("--eval-limit", type=int, default=10, help="val records per task for the quick evaluation")
+    ap.add_argument("--eval", action="store_true",
+                    help="also evaluate the routers on a slice of the val split (slow on CPU; the report goes "
+                         "into the bundles)")
+    ap.add_argument("--eval-limit", type=int, default=10, help="val records per task for --eval")
     ap.add_argument("--targets", default="rpi,android")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -79,7 +83,7 @@ def main(argv=None):
              ["export.finetune", "--data", args.data, "--out", str(run), "--preset", args.preset, *model])
     else:
         print(f"\n== routers: reusing {run} (--retrain to finetune again)")
-    if not (run / "report.md").exists():
+    if args.eval and not (run / "report.md").exists():
         step("evaluate on a slice of the val split",
              ["export.evaluate", "--run", str(run), "--data", args.data, "--split", "val",
               "--limit", str(args.eval_limit), "--no-progress", *model])
