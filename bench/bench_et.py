@@ -43,31 +43,13 @@ PEER_VARIANTS = {"et-fp32": "fp32", "et-8da4w": "8da4w"}
 # ------------------------------------------------------------------ child: the Python runner, runtime only
 def child(args):
     sys.path.insert(0, str(ROOT))
+    from common import measure_bundle
     from runtime.bundle import Bundle
     from runtime.et_backend import EtBackend
-    from runtime.loop import SamplingConfig, generate
-    from runtime.masks import parse_mask
-    from runtime.tokenizer import BundleTokenizer
 
     b = Bundle(args.bundle)
-    tok = BundleTokenizer(b)
     be = EtBackend(b, threads=args.threads)
-    ids = tok.encode_prompt(USER_MSG)
-    cfg = SamplingConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
-    mask = parse_mask(args.mask, b.n_layers) if args.mask else None
-    kw = dict(mask=mask) if mask is not None else dict(keep=args.keep)
-    runs, res = [], None
-    for i in range(1 + args.runs):
-        res = generate(be, ids, cfg, pinned=b.pinned, default_threshold=b.default_threshold, **kw)
-        if i:
-            runs.append({"prefill_ms": round(res.prefill_ms, 2), "decode_tok_s": round(res.decode_tokens_per_s, 2)})
-    print(json.dumps({
-        "prefill_ms": statistics.median(r["prefill_ms"] for r in runs),
-        "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
-        "runs": runs, "new_tokens": len(res.tokens), "prompt_tokens": len(ids),
-        "mask": "".join("1" if m else "0" for m in res.mask), "layers_kept": res.layers_kept,
-        "tokens": res.tokens, "text": tok.decode(res.tokens)[:80],
-    }))
+    print(json.dumps(measure_bundle(be, b, args.new_tokens, args.runs, mask=args.mask, keep=args.keep)))
 
 
 # ------------------------------------------------------------------ parent

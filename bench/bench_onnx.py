@@ -44,37 +44,15 @@ PEER_SCRIPTS = {  # name -> (venv, script, variant)
 
 # ------------------------------------------------------------------ child: one configuration, runtime only
 def child(args):
-    import numpy as np
-
     sys.path.insert(0, str(ROOT))
+    from common import measure_bundle
     from runtime.bundle import Bundle
-    from runtime.loop import SamplingConfig, generate
-    from runtime.masks import parse_mask
     from runtime.ort_backend import OrtBackend
-    from runtime.tokenizer import BundleTokenizer
 
     b = Bundle(args.bundle)
-    tok = BundleTokenizer(b)
     be = OrtBackend(b, threads=args.threads, decode_shape=args.shape)
-    ids = tok.encode_prompt(USER_MSG)
-    cfg = SamplingConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
-    mask = parse_mask(args.mask, b.n_layers) if args.mask else None
-    kw = dict(mask=mask) if mask is not None else dict(keep=args.keep, threshold=args.threshold)
-    runs, res = [], None
-    for i in range(1 + args.runs):
-        res = generate(be, ids, cfg, pinned=b.pinned, default_threshold=b.default_threshold, **kw)
-        if i:
-            runs.append({"prefill_ms": round(res.prefill_ms, 2), "decode_tok_s": round(res.decode_tokens_per_s, 2)})
-    import resource
-
-    print(json.dumps({
-        "prefill_ms": statistics.median(r["prefill_ms"] for r in runs),
-        "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
-        "runs": runs, "new_tokens": len(res.tokens), "prompt_tokens": len(ids),
-        "mask": "".join("1" if m else "0" for m in res.mask), "layers_kept": res.layers_kept,
-        "text": tok.decode(res.tokens)[:80],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }))
+    print(json.dumps(measure_bundle(be, b, args.new_tokens, args.runs, mask=args.mask, keep=args.keep,
+                                    threshold=args.threshold)))
 
 
 # ------------------------------------------------------------------ parent

@@ -38,3 +38,34 @@ def table(rows, cols):
     for r in rows:
         out.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
     return "\n".join(out)
+
+
+def measure_bundle(be, bundle, new_tokens: int, runs: int, mask: str = None, keep: int = None,
+                   threshold: float = None) -> dict:
+    """One bench configuration on a loaded runtime backend: 1 warm-up + ``runs`` timed generations.
+
+    ``mask`` is a 0/1 string (overrides the routers); otherwise ``keep``/``threshold`` pick the mask.
+    Returns the JSON-able summary the bench parents print (medians, each run, mask, text).
+    """
+    from runtime.loop import SamplingConfig, generate
+    from runtime.masks import mask_str, parse_mask
+    from runtime.tokenizer import BundleTokenizer
+
+    tok = BundleTokenizer(bundle)
+    ids = tok.encode_prompt(USER_MSG)
+    cfg = SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    m = parse_mask(mask, bundle.n_layers) if mask else None
+    kw = dict(mask=m) if m is not None else dict(keep=keep, threshold=threshold)
+    timed, res = [], None
+    for i in range(1 + runs):
+        res = generate(be, ids, cfg, pinned=bundle.pinned, default_threshold=bundle.default_threshold, **kw)
+        if i:
+            timed.append({"prefill_ms": round(res.prefill_ms, 2), "decode_tok_s": round(res.decode_tokens_per_s, 2)})
+    return {
+        "prefill_ms": statistics.median(r["prefill_ms"] for r in timed),
+        "decode_tok_s": statistics.median(r["decode_tok_s"] for r in timed),
+        "runs": timed, "new_tokens": len(res.tokens), "prompt_tokens": len(ids),
+        "mask": mask_str(res.mask), "layers_kept": res.layers_kept,
+        "tokens": res.tokens, "text": tok.decode(res.tokens)[:80],
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
