@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from runtime.errors import FirstEdgeError, cli_main
-from runtime.loop import GenerationResult, SamplingConfig, generate
+from runtime.loop import GenerationResult, SamplingConfig, add_generation_args, generate
 from runtime.masks import parse_mask
 
 from .chat import encode_prompt
@@ -92,26 +92,11 @@ def run_generation(fm: FirstModel, tokenizer, prompt: str, *, max_new_tokens=64,
                     default_threshold=fm.threshold, on_token=on_token)
 
 
-def add_generation_args(ap: argparse.ArgumentParser):
-    ap.add_argument("--prompt", required=True, help="the user message (the chat template is applied)")
-    ap.add_argument("--model", help="local Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)")
-    g = ap.add_mutually_exclusive_group()
-    g.add_argument("--threshold", type=float, help="keep layer l when its prompt-mean router score >= T")
-    g.add_argument("--keep", type=int, help="layer budget: keep the K highest-scoring layers")
-    g.add_argument("--mask", help="explicit layer mask as a 0/1 string of length L (overrides the routers)")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
-    ap.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    ap.add_argument("--json", action="store_true", help="print the stats as JSON")
-
-
 @cli_main
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m export.generate", description=__doc__.split("\n\n")[0])
     add_generation_args(ap)
+    ap.add_argument("--model", help="local Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--routers", help="router checkpoint folder (routers.json + routers.safetensors)")
     ap.add_argument("--max-context", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")

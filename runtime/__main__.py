@@ -13,7 +13,7 @@ import sys
 from .backends import load_backend
 from .bundle import Bundle
 from .errors import cli_main
-from .loop import SamplingConfig, generate
+from .loop import SamplingConfig, add_generation_args, generate
 from .masks import parse_mask
 from .tokenizer import BundleTokenizer
 
@@ -22,19 +22,8 @@ from .tokenizer import BundleTokenizer
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m runtime", description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", required=True, help="bundle folder written by python -m export.build")
-    ap.add_argument("--prompt", required=True, help="the user message (the chat template is applied)")
-    g = ap.add_mutually_exclusive_group()
-    g.add_argument("--threshold", type=float, help="keep layer l when its prompt-mean router score >= T")
-    g.add_argument("--keep", type=int, help="layer budget: keep the K highest-scoring layers")
-    g.add_argument("--mask", help="explicit layer mask, a 0/1 string of length L (overrides the routers)")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--ignore-eos", action="store_true")
+    add_generation_args(ap)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--stream", action="store_true")
-    ap.add_argument("--json", action="store_true", help="print the stats as one JSON line")
     ap.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
                     help="backend-specific option (e.g. decode_shape=split for ONNX bundles)")
     args = ap.parse_args(argv)

@@ -172,3 +172,19 @@ def generate(backend: Backend, input_ids: Sequence[int], sampling: SamplingConfi
                             prefill_ms=prefill_ms, decode_s=decode_s, stop_reason=stop,
                             first_logits=np.array(logits, dtype=np.float32, copy=True) if keep_logits else None,
                             step_logits=step_logits)
+
+
+def add_generation_args(ap) -> None:
+    """The generation options shared by ``python -m runtime`` and ``python -m export.generate``."""
+    ap.add_argument("--prompt", required=True, help="the user message (the chat template is applied)")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--threshold", type=float, help="keep layer l when its prompt-mean router score >= T")
+    g.add_argument("--keep", type=int, help="layer budget: keep the K highest-scoring layers")
+    g.add_argument("--mask", help="explicit layer mask as a 0/1 string of length L (overrides the routers)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    ap.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    ap.add_argument("--json", action="store_true", help="print the stats as one JSON line")
