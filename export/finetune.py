@@ -77,9 +77,9 @@ PRESETS: Dict[str, dict] = {
     # <= 15 minutes on 2 CPU cores including the prompt cache (measured: see docs/finetuning.md)
     "quick": dict(per_task=32, max_prompt_tokens=192, max_completion_tokens=32, batch_size=8,
                   soft_steps=25, hard_steps=45, lora_steps=20),
-    # the documented full run (hours on 2 cores)
-    "full": dict(per_task=250, max_prompt_tokens=384, max_completion_tokens=48, batch_size=16,
-                 soft_steps=300, hard_steps=600, lora_steps=200),
+    # the documented full run (about an hour on 2 cores, see docs/finetuning.md)
+    "full": dict(per_task=96, max_prompt_tokens=256, max_completion_tokens=48, batch_size=16,
+                 soft_steps=100, hard_steps=200, lora_steps=60, lr=3e-3),
     # for tests
     "tiny": dict(per_task=4, max_prompt_tokens=64, max_completion_tokens=8, batch_size=4,
                  soft_steps=3, hard_steps=3, lora_steps=2, save_every=2, kd_topk=8),
