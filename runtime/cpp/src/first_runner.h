@@ -3,9 +3,8 @@
 // Loads a bundle folder (manifest.json validated: version, runtime, dims, files, sha256), runs the
 // `prefill` method once per prompt, fixes the layer mask, and per token runs `embed`, the kept
 // `layer_{l}` methods only, and `head`. The runner owns one K and one V buffer per layer,
-// [max_context, n_kv_heads * head_dim], and one attention-bias row, allocated once; a layer reads its first
-// S rows (its valid length rounded up to kKvBucket, padding masked by -inf in the bias) through zero-copy
-// tensor views and the new entry is written in place. Token ids in, token ids out (the
+// [max_context, n_kv_heads, head_dim], allocated once; a layer reads its first S positions through a
+// zero-copy tensor view and the new entry is written in place. Token ids in, token ids out (the
 // tokenizer lives in the app). No exceptions cross this API: every call returns a Status.
 #pragma once
 #include <cstdint>
