@@ -5,19 +5,18 @@ Methods (every one lowered to XNNPACK; see docs/executorch.md):
 - ``prefill(input_ids int64 [1,T], threshold f32 [1]) -> logits [1,V], router_scores [L], layer_mask bool [L],
   present.{l}.key, present.{l}.value [1, n_kv, T, head_dim] for every layer`` (DESIGN.md section 2).
 - ``embed(input_ids int64 [1,1], position int64 [1]) -> hidden [1,1,D], cos [1,1,hd], sin [1,1,hd]``
-- ``layer_{l}(hidden, cos, sin, past_key [1,S,n_kv*hd], past_value [1,S,n_kv*hd], attention_bias [1,1,S])
-  -> hidden, present.key [1,1,n_kv,hd], present.value`` with S a dynamic dimension (1..max_context): the
-  layer's valid past rounded up to a bucket by the runtime, padding masked by the bias (see ``LayerM``).
+- ``layer_{l}(hidden, cos, sin, past_key [1,S,n_kv,hd], past_value [1,S,n_kv,hd]) -> hidden, present.key
+  [1,1,n_kv,hd], present.value`` with S = the tokens so far (a dynamic dimension, 1..max_context-1).
 - ``head(hidden [1,1,D]) -> logits [1,V]``
 - constant methods for ExecuTorch's LLM runner: ``get_max_seq_len``, ``get_max_context_len``, ``get_bos_id``,
   ``get_eos_ids``, ``get_n_layers``, ``get_vocab_size`` (+ ``use_kv_cache``).
 
-KV layout: the runtime owns one buffer per layer, ``[max_context, n_kv*head_dim]`` (sequence-major), so the
-first S positions are one contiguous block that the runtime passes to ``layer_{l}`` as ``[1, S, n_kv*hd]``
+KV layout: the runtime owns one buffer per layer, ``[max_context, n_kv, head_dim]`` (sequence-major), so the
+first S positions are one contiguous block that the runtime passes to ``layer_{l}`` as ``[1, S, n_kv, hd]``
 without copying (graph inputs are not memory-planned: ``alloc_graph_input=False``). The layer attends to that
-past plus its own new K/V, and the runtime writes the new entry in place afterwards, so the per-token cost
-grows with the tokens so far and never with max_context, and no step copies a cache. The attention is plain
-matmuls (grouped-query heads as a block-diagonal query matrix), which XNNPACK runs in one partition.
+past plus its own new K/V in registers, and the runtime writes the new entry in place afterwards, so the
+per-token cost grows with the tokens so far and never with max_context, and no step copies a cache. The
+attention is two plain matmuls (grouped-query heads as a block-diagonal query matrix), which XNNPACK runs.
 """
 from __future__ import annotations
 
@@ -84,75 +83,46 @@ class EmbedM(nn.Module):
         return h, cos, sin
 
 
-def _fuse_linears(linears: List[nn.Linear]) -> nn.Linear:
-    """One nn.Linear computing the concatenated outputs of ``linears`` (same input)."""
-    w = torch.cat([m.weight.detach() for m in linears])
-    has_bias = any(m.bias is not None for m in linears)
-    out = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
-    out.weight = nn.Parameter(w.clone(), requires_grad=False)
-    if has_bias:
-        b = torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features) for m in linears])
-        out.bias = nn.Parameter(b.clone(), requires_grad=False)
-    return out
+def decode_layer(fm: FirstModel, c: Consts, l: int, h, cos, sin, past_k, past_v):
+    """One decoder layer for one new token against a past of S tokens in [1, S, n_kv, hd] layout.
+
+    Attention without copying the past: scores = K2 @ Qbd with K2 = past as [S, n_kv*hd] and Qbd the
+    block-diagonal [n_kv*hd, n_heads] query matrix; outputs = P @ V2, keeping each head's own KV block.
+    """
+    lay = fm.layers[l]
+    att = lay.self_attn
+    nh, nkv, hd = fm.n_heads, fm.n_kv_heads, fm.head_dim
+    rep = nh // nkv
+    S = past_k.shape[1]
+    x = rms_norm(lay.input_layernorm, h, c)
+    q = att.q_proj(x).view(nh, hd)
+    k = att.k_proj(x).view(nkv, hd)
+    v = att.v_proj(x).view(nkv, hd)
+    cs, sn = cos.view(1, hd), sin.view(1, hd)
+    q = rope_apply(q, cs, sn, c)
+    k = rope_apply(k, cs, sn, c)
+    qbd = q.view(nkv, rep, hd).permute(0, 2, 1).reshape(nkv * hd, 1, rep).expand(nkv * hd, nkv, rep)
+    qbd = qbd.reshape(nkv * hd, nh) * c.blk
+    K2 = past_k.view(1, S, nkv * hd)
+    V2 = past_v.view(1, S, nkv * hd)
+    s_past = torch.bmm(K2, qbd.unsqueeze(0))[0].t()  # [nh, S]
+    s_new = torch.bmm(q.view(nkv, rep, hd), k.view(nkv, hd, 1)).view(nh, 1)
+    p = torch.softmax(torch.cat([s_past, s_new], dim=1) * fm.scaling, dim=-1)  # [nh, S+1]
+    o_all = torch.bmm(p[:, :S].unsqueeze(0), V2)[0]  # [nh, nkv*hd]
+    o = F.linear(o_all * c.sel_mask, c.sel_w)  # each head's own KV group: [nh, hd]
+    o = o + (p[:, S:].reshape(nkv, rep, 1) * v.view(nkv, 1, hd)).reshape(nh, hd)
+    h = h + att.o_proj(o.reshape(1, 1, nh * hd))
+    h = h + lay.mlp(rms_norm(lay.post_attention_layernorm, h, c))
+    return h, k.view(1, 1, nkv, hd), v.view(1, 1, nkv, hd)
 
 
 class LayerM(nn.Module):
-    """``layer_{l}``: one decoder layer for one new token, lowered to a single XNNPACK partition.
-
-    Inputs: hidden [1,1,D], cos/sin [1,1,hd], past_key / past_value [1, S, n_kv*hd] (the first S rows of the
-    runtime's sequence-major buffer, zero-copy), attention_bias [1, 1, S] (0 for a valid past position,
-    -inf for padding). S is a dynamic dimension; the runtime rounds it up to a bucket (runtime/et_backend.py
-    ``KV_BUCKET``) so that XNNPACK re-plans the partition only when the bucket changes, and masks the padded
-    rows with the bias. The new token's K/V are concatenated after the S rows (attention does not depend on
-    the order of the keys: the rotary position is already in them) and returned as [1,1,n_kv,hd] for the
-    runtime to write into row ``length`` of its buffer.
-
-    The layer owns copies of its weights with q/k/v and gate/up fused into one linear each (fewer, larger
-    matmuls; the 8da4w quantizer then sees each weight exactly once). Grouped-query attention: scores =
-    [past; new] K rows @ Qbd with Qbd the block-diagonal [n_kv*hd, n_heads] query matrix, output = P @ V rows
-    keeping each head's own KV group (a constant 0/1 selection): matmuls only, no slicing of the dynamic
-    dimension, so no op falls back to portable kernels.
-    """
-
     def __init__(self, fm: FirstModel, l: int):
         super().__init__()
-        lay = fm.layers[l]
-        att = lay.self_attn
-        self.nh, self.nkv, self.hd = fm.n_heads, fm.n_kv_heads, fm.head_dim
-        self.scaling = float(fm.scaling)
-        self.c = Consts(fm)
-        self.ln1 = copy.deepcopy(lay.input_layernorm)
-        self.ln2 = copy.deepcopy(lay.post_attention_layernorm)
-        self.qkv = _fuse_linears([att.q_proj, att.k_proj, att.v_proj])
-        self.o_proj = copy.deepcopy(att.o_proj)
-        self.inter = lay.mlp.gate_proj.out_features
-        self.gate_up = _fuse_linears([lay.mlp.gate_proj, lay.mlp.up_proj])
-        self.down_proj = copy.deepcopy(lay.mlp.down_proj)
-        self.act = copy.deepcopy(lay.mlp.act_fn)
-        self.register_buffer("rep_eye", torch.eye(self.hd).repeat(self.nkv, 1).contiguous(), persistent=False)
-        self.register_buffer("blk_t", self.c.blk.t().contiguous().view(1, self.nh, self.nkv * self.hd),
-                             persistent=False)
-        self.register_buffer("zero_bias", torch.zeros(1, 1, 1), persistent=False)
+        self.fm, self.l, self.c = fm, l, Consts(fm)
 
-    def forward(self, h, cos, sin, past_k, past_v, attention_bias):
-        c, nh, nkv, hd = self.c, self.nh, self.nkv, self.hd
-        x = rms_norm(self.ln1, h, c)
-        qkv = self.qkv(x).view(nh + 2 * nkv, hd)
-        qk = rope_apply(qkv[: nh + nkv], cos.view(1, hd), sin.view(1, hd), c)
-        q = qk[:nh].view(1, nh, hd)
-        k = qk[nh:].reshape(1, 1, nkv * hd)
-        v = qkv[nh + nkv:].reshape(1, 1, nkv * hd)
-        qbd = (F.linear(q, self.rep_eye) * self.blk_t).permute(0, 2, 1)  # [1, nkv*hd, nh] block-diagonal
-        keys = torch.cat([past_k, k], dim=1)  # [1, S+1, nkv*hd]
-        values = torch.cat([past_v, v], dim=1)
-        scores = torch.bmm(keys, qbd).permute(0, 2, 1) * self.scaling  # [1, nh, S+1]
-        scores = scores + torch.cat([attention_bias, self.zero_bias], dim=2)
-        p = torch.softmax(scores, dim=-1)
-        o = F.linear(torch.bmm(p, values) * c.sel_mask, c.sel_w)  # [1, nh, hd]: each head's own KV group
-        h = h + self.o_proj(o.reshape(1, 1, nh * hd))
-        gu = self.gate_up(rms_norm(self.ln2, h, c))
-        h = h + self.down_proj(self.act(gu[..., : self.inter]) * gu[..., self.inter:])
-        return h, k.view(1, 1, nkv, hd), v.view(1, 1, nkv, hd)
+    def forward(self, h, cos, sin, past_k, past_v):
+        return decode_layer(self.fm, self.c, self.l, h, cos, sin, past_k, past_v)
 
 
 class HeadM(nn.Module):
@@ -227,45 +197,27 @@ def io_names(n_layers: int) -> dict:
     return {
         "prefill": {"inputs": ["input_ids", "threshold"], "outputs": pre_out},
         "embed": {"inputs": ["input_ids", "position"], "outputs": ["hidden_states", "cos", "sin"]},
-        "layer": {"inputs": ["hidden_states", "cos", "sin", "past_key_values.key", "past_key_values.value",
-                             "attention_bias"],
+        "layer": {"inputs": ["hidden_states", "cos", "sin", "past_key_values.key", "past_key_values.value"],
                   "outputs": ["hidden_states", "present.key", "present.value"]},
         "head": {"inputs": ["hidden_states"], "outputs": ["logits"]},
     }
 
 
 # ---------------------------------------------------------------------------------------------
-def int8da_int4w_config():
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
-    from torchao.quantization.granularity import PerGroup
-
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE))
-
-
-def layer_modules(fm: FirstModel, quantize: str) -> List[nn.Module]:
-    """The ``layer_{l}`` modules (own weight copies, fused linears), quantized like the rest for 8da4w."""
-    mods = nn.ModuleList([LayerM(fm, l) for l in range(fm.n_layers)])
-    if quantize == "8da4w":
-        from torchao.quantization import quantize_
-
-        quantize_(mods, int8da_int4w_config(),
-                  filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and m.in_features % GROUP_SIZE == 0)
-    return list(mods.eval())
-
-
 def quantize_8da4w(fm: FirstModel) -> FirstModel:
     """8-bit dynamic activations, 4-bit group-32 weights (torchao) on the decoder and LM-head linears.
 
     Routers and embeddings stay fp32. Works on a deep copy: the caller's model is the fp32 reference.
     """
-    from torchao.quantization import quantize_
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
 
     q = copy.deepcopy(fm)
     base = q.hf.get_base_model() if hasattr(q.hf, "get_base_model") else q.hf
     # untie: the LM head gets its own (quantized) weight, the embedding stays fp32
     if base.lm_head.weight is base.model.embed_tokens.weight:
         base.lm_head.weight = nn.Parameter(base.lm_head.weight.detach().clone(), requires_grad=False)
-    cfg = int8da_int4w_config()
+    cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE))
 
     def want(mod, fqn):
         return isinstance(mod, nn.Linear) and "routers" not in fqn and mod.in_features % GROUP_SIZE == 0
@@ -274,7 +226,7 @@ def quantize_8da4w(fm: FirstModel) -> FirstModel:
     return q.eval()
 
 
-def _export_all(fm: FirstModel, max_context: int, verbose: bool, layers: List[nn.Module]):
+def _export_all(fm: FirstModel, max_context: int, verbose: bool):
     from torch.export import Dim, export
 
     D, nkv, hd = fm.hidden_size, fm.n_kv_heads, fm.head_dim
@@ -285,14 +237,13 @@ def _export_all(fm: FirstModel, max_context: int, verbose: bool, layers: List[nn
     eps["prefill"] = export(PrefillM(fm), (ids, torch.tensor([0.5])), dynamic_shapes=({1: T}, None), strict=False)
     eps["embed"] = export(EmbedM(fm), (torch.zeros(1, 1, dtype=torch.int64), torch.tensor([3], dtype=torch.int64)),
                           strict=False)
-    S = Dim("S", min=1, max=max_context)
+    S = Dim("S", min=1, max=max_context - 1)
     h = torch.randn(1, 1, D)
     cos, sin = fm.rope(torch.tensor([[5]]))
-    pk, pv = torch.randn(1, 5, nkv * hd), torch.randn(1, 5, nkv * hd)
-    bias = torch.zeros(1, 1, 5)
+    pk, pv = torch.randn(1, 5, nkv, hd), torch.randn(1, 5, nkv, hd)
     for l in range(fm.n_layers):
-        eps[f"layer_{l}"] = export(layers[l], (h, cos, sin, pk, pv, bias),
-                                   dynamic_shapes=(None, None, None, {1: S}, {1: S}, {2: S}), strict=False)
+        eps[f"layer_{l}"] = export(LayerM(fm, l), (h, cos, sin, pk, pv),
+                                   dynamic_shapes=(None, None, None, {1: S}, {1: S}), strict=False)
     eps["head"] = export(HeadM(fm), (h,), strict=False)
     if verbose:
         print(f"[first-edge] torch.export of {len(eps)} methods: {time.time() - t:.0f}s", file=sys.stderr)
@@ -426,7 +377,7 @@ def build_graphs(fm: FirstModel, out_dir, *, quantize: str = "none", max_context
         eos_ids = eos_ids or ([e] if isinstance(e, int) else list(e or []))
     src = quantize_8da4w(fm) if quantize == "8da4w" else fm
     with torch.no_grad():
-        eps = _export_all(src, max_context, verbose, layer_modules(fm, quantize))
+        eps = _export_all(src, max_context, verbose)
         prog, delegation = lower(eps, constant_methods(fm, max_context, bos_id, eos_ids), verbose)
     if verbose:
         for m in ("prefill", "embed", "layer_0", "head"):
@@ -460,10 +411,8 @@ def build_graphs(fm: FirstModel, out_dir, *, quantize: str = "none", max_context
                     "layers": [f"layer_{l}" for l in range(fm.n_layers)]},
         "constant_methods": sorted(constant_methods(fm, max_context, bos_id, eos_ids)),
         "io": names,
-        "kv_layout": {"buffer": "[max_context, n_kv_heads * head_dim] per layer, sequence-major",
-                      "past": "[1, S, n_kv_heads * head_dim] (S = valid length rounded up to a bucket)",
-                      "attention_bias": "[1, 1, S] float: 0 for the layer's valid rows, -inf for padding",
-                      "present_decode": "[1, 1, n_kv_heads, head_dim]",
+        "kv_layout": {"buffer": "[max_context, n_kv_heads, head_dim] per layer, sequence-major",
+                      "past": "[1, S, n_kv_heads, head_dim]", "present_decode": "[1, 1, n_kv_heads, head_dim]",
                       "present_prefill": "[1, n_kv_heads, T, head_dim]"},
         "dtype": "float32",
         "weights": "8da4w (int8 dynamic activations, int4 weights, group 32; embeddings and routers fp32)"

@@ -1,11 +1,10 @@
 """ExecuTorch backend of the generation loop (Python, ``executorch.runtime``).
 
 Runs a bundle's ``model.pte``: ``prefill`` once, then per token ``embed``, the kept ``layer_{l}`` methods
-only, and ``head``. The backend owns one K and one V buffer per layer, ``[max_context, n_kv*head_dim]``
-(sequence-major), and one attention-bias row per layer, allocated once; ``layer_{l}`` reads the first S
-positions (the valid length rounded up to ``KV_BUCKET``) as zero-copy views (graph inputs are not
-memory-planned in our .pte, so ExecuTorch reads the caller's memory directly), and the new token's entry
-is written in place afterwards.
+only, and ``head``. The backend owns one K and one V buffer per layer, ``[max_context, n_kv, head_dim]``
+(sequence-major), allocated once; ``layer_{l}`` reads the first S positions as a zero-copy view (graph
+inputs are not memory-planned in our .pte, so ExecuTorch reads the caller's memory directly) and the new
+token's entry is written in place afterwards.
 
 Note on torch: ExecuTorch's Python bindings import torch themselves (the wheel's extension needs its
 symbols) and exchange torch tensors. This module is the only place in ``runtime/`` that touches torch,
@@ -26,17 +25,6 @@ from .errors import FirstEdgeError
 from .masks import check_mask
 
 _RT = None
-KV_BUCKET = 32  # the past passed to a layer is rounded up to a multiple of this (see bucket())
-
-
-def bucket(n: int, max_context: int) -> int:
-    """Rows of the KV buffer passed to a layer whose valid length is n: n rounded up to KV_BUCKET.
-
-    XNNPACK re-plans a partition whenever an input shape changes; with buckets that happens once every
-    KV_BUCKET tokens instead of every token (measured: ~0.02 ms per 8da4w layer call on SmolLM2). The
-    padded rows are masked by the attention bias (-inf).
-    """
-    return min(-(-max(n, 1) // KV_BUCKET) * KV_BUCKET, max_context)
 
 
 def _runtime(threads: Optional[int] = None):
@@ -91,17 +79,10 @@ class EtProgram:
         self.embed_m = load(m["embed"])
         self.head_m = load(m["head"])
         self.layer_m = [load(n) for n in m["layers"]]
-        # dims from the graph itself: inputs (hidden, cos, sin, past_key [1,S,n_kv*hd], past_value, bias [1,1,S]),
-        # output 1 = present key [1,1,n_kv,hd]
-        md = self.layer_m[0].metadata
-        if md.num_inputs() != 6 or md.num_outputs() != 3:
-            raise FirstEdgeError(f"model.pte's {m['layers'][0]} has {md.num_inputs()} inputs and {md.num_outputs()} "
-                                 "outputs; this runtime needs (hidden, cos, sin, past_key, past_value, "
-                                 "attention_bias) -> (hidden, key, value): rebuild the bundle")
-        osz = md.output_tensor_meta(1).sizes()
-        nkv, hd = int(osz[2]), int(osz[3])
-        row = int(md.input_tensor_meta(3).sizes()[2])
-        if row != nkv * hd or (n_kv_heads and nkv != n_kv_heads) or (head_dim and hd != head_dim):
+        # dims from the graph itself (layer input 3 = past key [1, S, n_kv, hd])
+        meta = self.layer_m[0].metadata.input_tensor_meta(3)
+        nkv, hd = int(meta.sizes()[2]), int(meta.sizes()[3])
+        if (n_kv_heads and nkv != n_kv_heads) or (head_dim and hd != head_dim):
             raise FirstEdgeError(f"model.pte K/V are [{nkv} heads, {hd}] but the manifest says "
                                  f"[{n_kv_heads}, {head_dim}]")
         self.n_kv, self.hd = nkv, hd
@@ -109,14 +90,11 @@ class EtProgram:
         self.vocab_size = int(vmeta.sizes()[-1])
         if vocab_size and vocab_size != self.vocab_size:
             raise FirstEdgeError(f"model.pte has a vocabulary of {self.vocab_size}, the manifest says {vocab_size}")
-        shape = (self.max_context, nkv * hd)
+        shape = (self.max_context, nkv, hd)
         self.k = [np.zeros(shape, np.float32) for _ in range(self.n_layers)]
         self.v = [np.zeros(shape, np.float32) for _ in range(self.n_layers)]
-        # attention bias per layer: 0 on the valid rows, -inf on the rest (padding up to the bucket)
-        self.bias = [np.full((1, 1, self.max_context), -np.inf, np.float32) for _ in range(self.n_layers)]
         self.kt = [th.from_numpy(b) for b in self.k]  # torch views of the same memory (no copy)
         self.vt = [th.from_numpy(b) for b in self.v]
-        self.bt = [th.from_numpy(b) for b in self.bias]
         self.lengths = [0] * self.n_layers
         self.layer_calls = Counter()
         self.method_calls = Counter()
@@ -145,10 +123,8 @@ class EtProgram:
         L = self.n_layers
         for l in range(L):
             # present [1, n_kv, T, hd] -> sequence-major buffer rows 0..T-1 (once per prompt)
-            self.k[l][:T] = out[3 + 2 * l].numpy()[0].transpose(1, 0, 2).reshape(T, -1)
-            self.v[l][:T] = out[4 + 2 * l].numpy()[0].transpose(1, 0, 2).reshape(T, -1)
-            self.bias[l][..., :T] = 0.0
-            self.bias[l][..., T:] = -np.inf
+            self.k[l][:T] = out[3 + 2 * l].numpy()[0].transpose(1, 0, 2)
+            self.v[l][:T] = out[4 + 2 * l].numpy()[0].transpose(1, 0, 2)
             self.lengths[l] = T
         self.layer_calls.clear()
         logits = out[0].numpy().reshape(-1).astype(np.float32, copy=True)
@@ -164,14 +140,9 @@ class EtProgram:
         h, cos, sin = self.embed_m.execute([self._tok, self._pos])
         for l in np.flatnonzero(mask):
             n = self.lengths[l]
-            if n >= self.max_context:
-                raise FirstEdgeError(f"layer {l}: the KV buffer is full ({self.max_context} positions)")
-            S = bucket(n, self.max_context)
-            h, k, v = self.layer_m[l].execute([h, cos, sin, self.kt[l][None, :S], self.vt[l][None, :S],
-                                               self.bt[l][..., :S]])
-            self.k[l][n] = k.numpy().reshape(-1)  # in place, one entry
-            self.v[l][n] = v.numpy().reshape(-1)
-            self.bias[l][0, 0, n] = 0.0
+            h, k, v = self.layer_m[l].execute([h, cos, sin, self.kt[l][None, :n], self.vt[l][None, :n]])
+            self.k[l][n] = k.numpy().reshape(self.n_kv, self.hd)  # in place, one entry
+            self.v[l][n] = v.numpy().reshape(self.n_kv, self.hd)
             self.lengths[l] = n + 1
             self.layer_calls[int(l)] += 1
         logits = self.head_m.execute([h])[0]

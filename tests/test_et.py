@@ -114,32 +114,7 @@ def test_kv_buffers_are_views_not_copies(et_backend):
     run(et_backend, prompts(1)[0], None)
     after = [b.__array_interface__["data"][0] for b in prog.k]
     assert before == after
-    assert prog.k[0].shape == (MAX_CONTEXT, prog.n_kv * prog.hd)
-    # the attention bias marks exactly each layer's valid rows
-    for l, n in enumerate(prog.lengths):
-        assert (prog.bias[l][0, 0, :n] == 0).all() and np.isneginf(prog.bias[l][0, 0, n:]).all(), l
-
-
-def test_decode_across_kv_buckets(et_backend):
-    """The past is padded to KV_BUCKET rows and masked; crossing a bucket boundary (and reaching the end
-    of the context) keeps parity with the reference, with a mask that leaves layers at different lengths."""
-    from export.generate import TorchBackend
-    from runtime.et_backend import KV_BUCKET, bucket
-
-    assert bucket(1, 64) == KV_BUCKET and bucket(KV_BUCKET, 64) == KV_BUCKET and bucket(KV_BUCKET + 1, 64) == 64
-    assert bucket(KV_BUCKET + 1, KV_BUCKET + 5) == KV_BUCKET + 5
-    fm = reference()
-    ref = TorchBackend(fm, max_context=MAX_CONTEXT)
-    ids = np.arange(5, 5 + KV_BUCKET - 3)
-    mask = np.ones(fm.n_layers, bool)
-    mask[1::2] = False
-    n_new = MAX_CONTEXT - len(ids)  # up to the last position of the context
-    cfg = SamplingConfig(max_new_tokens=n_new, ignore_eos=True)
-    a = generate(ref, ids, cfg, mask=mask, keep_logits=True)
-    b = generate(et_backend, ids, cfg, mask=mask, keep_logits=True)
-    assert a.tokens == b.tokens
-    worst = max(float(np.abs(x - y).max()) for x, y in zip(a.step_logits, b.step_logits))
-    assert worst <= 1e-3, worst
+    assert prog.k[0].shape == (MAX_CONTEXT, prog.n_kv, prog.hd)
 
 
 def test_runtime_cli(bundle):

@@ -104,25 +104,3 @@ def test_cpp_cli_errors(build_dir, bundle, args, expect):
         args = ["--bundle", str(bundle)] + args
     r = cli(build_dir, *args)
     assert r.returncode == 2 and expect in r.stderr, (r.returncode, r.stderr[-500:])
-
-
-def test_cpp_decode_across_kv_buckets(build_dir, bundle):
-    """Past padded to the KV bucket and masked: crossing a bucket boundary up to the end of the context keeps
-    parity with the reference, with a mask that leaves layers at different lengths."""
-    from export.generate import TorchBackend
-
-    fm = reference()
-    ref = TorchBackend(fm, max_context=MAX_CONTEXT)
-    ids = np.arange(5, 5 + 29)
-    mask = np.ones(fm.n_layers, bool)
-    mask[1::2] = False
-    n_new = MAX_CONTEXT - len(ids)
-    a = generate(ref, ids, SamplingConfig(max_new_tokens=n_new, ignore_eos=True), mask=mask, keep_logits=True)
-    dump = workdir() / "logits_bucket.bin"
-    r = cli(build_dir, "--bundle", bundle, "--ids", ",".join(map(str, ids)), "--max-new-tokens", n_new,
-            "--ignore-eos", "--threads", 1, "--mask", mask_str(mask), "--dump-logits", dump)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["tokens"] == a.tokens
-    lg = np.fromfile(dump, dtype=np.float32).reshape(-1, fm.vocab_size)
-    assert float(np.abs(lg - np.stack([a.first_logits] + a.step_logits)).max()) <= 1e-3

@@ -9,7 +9,6 @@
 #include <cstdio>
 #include <ctime>
 #include <fstream>
-#include <limits>
 #include <numeric>
 #include <random>
 #include <set>
@@ -219,16 +218,11 @@ Status Runner::create(const std::string& bundle_dir, int threads, std::unique_pt
     if (err != executorch::runtime::Error::Ok)
       return Status::Error("ExecuTorch cannot load method '" + n + "' (" + et_error(err) + ")");
   }
-  // graph dims: layer inputs (hidden, cos, sin, past_key [1, S, n_kv*head_dim], past_value, bias [1, 1, S]),
-  // output 1 = present key [1, 1, n_kv, head_dim]
+  // graph dims: layer past key input [1, S, n_kv, head_dim]
   auto meta = M.module->method_meta(I.layer_methods[0]);
-  if (!meta.ok() || meta->num_inputs() != 6 || meta->num_outputs() != 3)
-    return Status::Error("unexpected signature of " + I.layer_methods[0] +
-                         " (this runner needs hidden, cos, sin, past_key, past_value, attention_bias): rebuild the bundle");
+  if (!meta.ok() || meta->num_inputs() != 5) return Status::Error("unexpected signature of " + I.layer_methods[0]);
   auto pk = meta->input_tensor_meta(3);
-  auto ok = meta->output_tensor_meta(1);
-  if (!pk.ok() || !ok.ok() || pk->sizes().size() != 3 || pk->sizes()[2] != (int64_t)I.n_kv_heads * I.head_dim ||
-      ok->sizes().size() != 4 || ok->sizes()[2] != I.n_kv_heads || ok->sizes()[3] != I.head_dim)
+  if (!pk.ok() || pk->sizes().size() != 4 || pk->sizes()[2] != I.n_kv_heads || pk->sizes()[3] != I.head_dim)
     return Status::Error("model.pte K/V dims do not match the manifest (n_kv_heads " + std::to_string(I.n_kv_heads) +
                          ", head_dim " + std::to_string(I.head_dim) + ")");
   auto hm = M.module->method_meta(I.head_method);
@@ -239,7 +233,6 @@ Status Runner::create(const std::string& bundle_dir, int threads, std::unique_pt
   size_t per = (size_t)I.max_context * I.n_kv_heads * I.head_dim;
   r->k_.assign(I.n_layers, std::vector<float>(per, 0.f));
   r->v_.assign(I.n_layers, std::vector<float>(per, 0.f));
-  r->bias_.assign(I.n_layers, std::vector<float>(I.max_context, -std::numeric_limits<float>::infinity()));
   r->len_.assign(I.n_layers, 0);
   r->layer_calls_.assign(I.n_layers, 0);
   M.tok_t = from_blob(&M.tok, {1, 1}, ScalarType::Long);
@@ -291,8 +284,6 @@ Status Runner::prefill(const std::vector<int64_t>& ids_in, float threshold, std:
         for (int s = 0; s < T; s++)
           std::copy(src + ((size_t)h * T + s) * hd, src + ((size_t)h * T + s + 1) * hd, dst + ((size_t)s * nkv + h) * hd);
     }
-    std::fill(bias_[l].begin(), bias_[l].end(), -std::numeric_limits<float>::infinity());
-    std::fill(bias_[l].begin(), bias_[l].begin() + T, 0.f);
     len_[l] = T;
   }
   std::fill(layer_calls_.begin(), layer_calls_.end(), 0);
@@ -320,18 +311,15 @@ Status Runner::decode(int64_t token, int64_t position, const std::vector<uint8_t
     int n = len_[l];
     if (n >= I.max_context) return Status::Error("layer " + std::to_string(l) + " KV buffer is full");
     if (n == 0) return Status::Error("decode before prefill");
-    const int S = kv_bucket(n, I.max_context);  // valid rows n, padded to the bucket (masked by the bias)
-    auto pk = from_blob(k_[l].data(), {1, S, (int)row}, ScalarType::Float);  // zero-copy view of the past
-    auto pv = from_blob(v_[l].data(), {1, S, (int)row}, ScalarType::Float);
-    auto pb = from_blob(bias_[l].data(), {1, 1, S}, ScalarType::Float);
-    auto r = M.module->execute(I.layer_methods[l], {h, cos, sin, EValue(pk), EValue(pv), EValue(pb)});
+    auto pk = from_blob(k_[l].data(), {1, n, nkv, hd}, ScalarType::Float);  // zero-copy view of the past
+    auto pv = from_blob(v_[l].data(), {1, n, nkv, hd}, ScalarType::Float);
+    auto r = M.module->execute(I.layer_methods[l], {h, cos, sin, EValue(pk), EValue(pv)});
     if (!r.ok()) return Status::Error("layer " + std::to_string(l) + " failed (" + et_error(r.error()) + ")");
     h = (*r)[0];
     const float* kn = (*r)[1].toTensor().const_data_ptr<float>();
     const float* vn = (*r)[2].toTensor().const_data_ptr<float>();
     std::copy(kn, kn + row, k_[l].data() + (size_t)n * row);  // the new entry, in place
     std::copy(vn, vn + row, v_[l].data() + (size_t)n * row);
-    bias_[l][n] = 0.f;
     len_[l] = n + 1;
     layer_calls_[l]++;
   }

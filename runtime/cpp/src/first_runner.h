@@ -67,14 +67,6 @@ struct GenerateResult {
   }
 };
 
-// The past passed to a layer method is its valid length rounded up to a multiple of this (padding masked
-// by the attention bias), so XNNPACK re-plans a layer only when the bucket changes (see runtime/et_backend.py).
-constexpr int kKvBucket = 32;
-inline int kv_bucket(int n, int max_context) {
-  int b = ((n < 1 ? 1 : n) + kKvBucket - 1) / kKvBucket * kKvBucket;
-  return b < max_context ? b : max_context;
-}
-
 class Runner {
  public:
   // Validates the bundle and loads every method. threads <= 0 keeps ExecuTorch's default pool.
@@ -100,7 +92,6 @@ class Runner {
   std::unique_ptr<Impl> impl_;
   BundleInfo info_;
   std::vector<std::vector<float>> k_, v_;
-  std::vector<std::vector<float>> bias_;  // per layer [max_context]: 0 on valid rows, -inf on padding
   std::vector<int> len_;
   std::vector<int64_t> layer_calls_;
 };
