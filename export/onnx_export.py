@@ -110,16 +110,21 @@ def _pack(q: np.ndarray, bits: int) -> np.ndarray:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
+def _blocks(w: np.ndarray, block: int):
+    """[N, K] weight -> float32 [N, k_blocks, block], the last block zero-padded."""
+    N, K = w.shape
+    kb = -(-K // block)
+    pad = kb * block - K
+    wp = np.pad(w, ((0, 0), (0, pad))) if pad else w
+    return wp.reshape(N, kb, block).astype(np.float32)
+
+
 def quantize_blockwise_asym(w: np.ndarray, bits: int, block: int = BLOCK_SIZE):
     """Asymmetric (min/max, per-block zero point) RTN quantization for MatMulNBits.
 
     Returns (B uint8 [N, k_blocks, blob], scales float32 [N, k_blocks], packed zero points uint8
     [N, ceil(k_blocks * bits / 8)])."""
-    N, K = w.shape
-    kb = -(-K // block)
-    pad = kb * block - K
-    wp = np.pad(w, ((0, 0), (0, pad))) if pad else w
-    wb = wp.reshape(N, kb, block).astype(np.float32)
+    wb = _blocks(w, block)
     qmax = 2 ** bits - 1
     lo = np.minimum(wb.min(axis=2, keepdims=True), 0.0)
     hi = np.maximum(wb.max(axis=2, keepdims=True), 0.0)
@@ -135,19 +140,12 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK_SIZE):
 
     Returns (B uint8 [N, k_blocks, blob], scales float32 [N, k_blocks]); zero point is the default 2^(bits-1).
     """
-    N, K = w.shape
-    kb = -(-K // block)
-    pad = kb * block - K
-    wp = np.pad(w, ((0, 0), (0, pad))) if pad else w
-    wb = wp.reshape(N, kb, block).astype(np.float32)
+    wb = _blocks(w, block)
     qmax = 2 ** (bits - 1) - 1
     amax = np.abs(wb).max(axis=2, keepdims=True)
     scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
     q = np.clip(np.rint(wb / scale), -qmax - 1, qmax).astype(np.int32) + 2 ** (bits - 1)
-    q = q.astype(np.uint8)
-    if bits == 4:
-        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    return np.ascontiguousarray(q), np.ascontiguousarray(scale[..., 0])
+    return np.ascontiguousarray(_pack(q.astype(np.uint8), bits)), np.ascontiguousarray(scale[..., 0])
 
 
 # ------------------------------------------------------------------ graph building

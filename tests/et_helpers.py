@@ -87,3 +87,20 @@ def cpp_build(asan: bool = False) -> Path:
     if r.returncode:
         raise RuntimeError("C++ build failed:\n" + r.stdout[-3000:] + r.stderr[-3000:])
     return b
+
+
+@functools.lru_cache(maxsize=None)
+def end_of_context_case():
+    """(prompt ids, mask, reference GenerationResult) for a decode that runs to the last position of the
+    context with every other layer skipped, so the layers' caches end at different lengths."""
+    import numpy as np
+
+    from export.generate import TorchBackend
+    from runtime.loop import SamplingConfig, generate
+
+    fm = reference()
+    ids = np.arange(5, 34)
+    mask = np.ones(fm.n_layers, bool)
+    mask[1::2] = False
+    cfg = SamplingConfig(max_new_tokens=MAX_CONTEXT - len(ids), ignore_eos=True)
+    return ids, mask, generate(TorchBackend(fm, max_context=MAX_CONTEXT), ids, cfg, mask=mask, keep_logits=True)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from et_helpers import MAX_CONTEXT, ROOT, prompts, reference, tiny_bundle, workdir
+from et_helpers import MAX_CONTEXT, ROOT, end_of_context_case, prompts, reference, tiny_bundle, workdir
 
 from runtime.bundle import Bundle, write_manifest
 from runtime.errors import FirstEdgeError
@@ -120,19 +120,12 @@ def test_kv_buffers_are_views_not_copies(et_backend):
 def test_decode_to_the_end_of_the_context(et_backend):
     """Decoding up to the last position of the context, with a mask that leaves the layers' caches at
     different lengths, keeps parity with the reference."""
-    from export.generate import TorchBackend
-
-    fm = reference()
-    ref = TorchBackend(fm, max_context=MAX_CONTEXT)
-    ids = np.arange(5, 34)
-    mask = np.ones(fm.n_layers, bool)
-    mask[1::2] = False
+    ids, mask, a = end_of_context_case()
     cfg = SamplingConfig(max_new_tokens=MAX_CONTEXT - len(ids), ignore_eos=True)
-    a = generate(ref, ids, cfg, mask=mask, keep_logits=True)
     b = generate(et_backend, ids, cfg, mask=mask, keep_logits=True)
     assert a.tokens == b.tokens
     assert max(float(np.abs(x - y).max()) for x, y in zip(a.step_logits, b.step_logits)) <= 1e-3
-    assert et_backend.prog.lengths == [MAX_CONTEXT - 1 if mask[l] else len(ids) for l in range(fm.n_layers)]
+    assert et_backend.prog.lengths == [MAX_CONTEXT - 1 if mask[l] else len(ids) for l in range(len(mask))]
 
 
 def test_runtime_cli(bundle):

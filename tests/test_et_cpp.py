@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from et_helpers import MAX_CONTEXT, cmake_exe, cpp_build, prompts, reference, tiny_bundle, workdir
+from et_helpers import MAX_CONTEXT, cmake_exe, cpp_build, end_of_context_case, prompts, reference, tiny_bundle, workdir
 
 from runtime.loop import SamplingConfig, generate
 from runtime.masks import mask_str
@@ -109,20 +109,12 @@ def test_cpp_cli_errors(build_dir, bundle, args, expect):
 def test_cpp_decode_to_the_end_of_the_context(build_dir, bundle):
     """Decoding up to the last position of the context, with a mask that leaves the layers' caches at
     different lengths, keeps parity with the reference."""
-    from export.generate import TorchBackend
-
-    fm = reference()
-    ref = TorchBackend(fm, max_context=MAX_CONTEXT)
-    ids = np.arange(5, 34)
-    mask = np.ones(fm.n_layers, bool)
-    mask[1::2] = False
-    n_new = MAX_CONTEXT - len(ids)
-    a = generate(ref, ids, SamplingConfig(max_new_tokens=n_new, ignore_eos=True), mask=mask, keep_logits=True)
+    ids, mask, a = end_of_context_case()
     dump = workdir() / "logits_long.bin"
-    r = cli(build_dir, "--bundle", bundle, "--ids", ",".join(map(str, ids)), "--max-new-tokens", n_new,
+    r = cli(build_dir, "--bundle", bundle, "--ids", ",".join(map(str, ids)), "--max-new-tokens", MAX_CONTEXT - len(ids),
             "--ignore-eos", "--threads", 1, "--mask", mask_str(mask), "--dump-logits", dump)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["tokens"] == a.tokens
-    lg = np.fromfile(dump, dtype=np.float32).reshape(-1, fm.vocab_size)
+    lg = np.fromfile(dump, dtype=np.float32).reshape(-1, len(a.first_logits))
     assert float(np.abs(lg - np.stack([a.first_logits] + a.step_logits)).max()) <= 1e-3
