@@ -99,7 +99,8 @@ def main(argv=None):
             f_tps, f_res = res["first"]
             a_tps, _ = res["all"]
             kept = f_res.layers_kept
-            print(f"-- {prompt[:60]!r}\n   {tok.decode(f_res.tokens)[:160]!r}\n   {f_res.stats_line()}")
+            reply = tok.decode(f_res.reply_tokens(b.eos_ids))  # timed over all tokens, shown to the end of turn
+            print(f"-- {prompt[:60]!r}\n   {reply[:160]!r}\n   {f_res.stats_line()}")
             rows.append({"runtime": names[target], "prompt": prompt[:40], "kept": f"{kept}/{b.n_layers}",
                          "all": a_tps, "first": f_tps, "speedup": f_tps / a_tps,
                          "ideal": b.n_layers / kept})

@@ -81,6 +81,15 @@ class GenerationResult:
     first_logits: Optional[np.ndarray] = None
     step_logits: List[np.ndarray] = field(default_factory=list)
 
+    def reply_tokens(self, eos_ids: Sequence[int]) -> List[int]:
+        """The reply: the tokens before the first end-of-turn / EOS id (a run with ``ignore_eos``,
+        e.g. a benchmark timing a fixed count, decodes past it; what follows is not the reply)."""
+        eos = set(int(e) for e in eos_ids)
+        for i, t in enumerate(self.tokens):
+            if t in eos:
+                return self.tokens[:i]
+        return list(self.tokens)
+
     @property
     def layers_kept(self) -> int:
         return int(self.mask.sum())

@@ -88,6 +88,33 @@ def save_tiny_model_dir(path: Path, arch: str = "llama", seed: int = 0, **kw) ->
     return path
 
 
+def to_tiny_vocab(text: str) -> str:
+    """The same text in the tiny tokenizer's words: each word (and each punctuation run) becomes a
+    fixed ``w<i>``, so lengths and repetitions survive. Real text fed to the tiny tokenizer would be
+    all ``<unk>``: every position identical, attention independent of q/k, and gradients that are
+    rounding noise."""
+    import re
+    import zlib
+
+    return " ".join(f"w{5 + zlib.crc32(w.encode()) % (VOCAB - 5)}" for w in re.findall(r"\w+|[^\w\s]+", text))
+
+
+def tiny_vocab_data(src: Path, dst: Path, tasks=("arithmetic", "translate"), n: int = 6) -> Path:
+    """The first n records of each split of the shared task data, rewritten into the tiny vocabulary
+    (metrics and record structure kept)."""
+    for t in tasks:
+        (dst / t).mkdir(parents=True, exist_ok=True)
+        for split in ("train", "val"):
+            out = []
+            for line in (Path(src) / t / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]:
+                r = json.loads(line)
+                r["prompt"], r["completion"] = to_tiny_vocab(r["prompt"]), to_tiny_vocab(r["completion"])
+                r["references"] = [to_tiny_vocab(x) for x in r.get("references") or [r["completion"]]]
+                out.append(json.dumps(r))
+            (dst / t / f"{split}.jsonl").write_text("\n".join(out) + "\n", encoding="utf-8")
+    return dst
+
+
 def words(n: int, seed: int) -> str:
     g = torch.Generator().manual_seed(seed)
     return " ".join(f"w{int(i)}" for i in torch.randint(5, VOCAB, (n,), generator=g))

@@ -221,3 +221,16 @@ def test_eos_stops_and_stream_callback_and_context_limit():
         generate(TorchBackend(fm, 16), rand_ids(20, 1), SamplingConfig(max_new_tokens=2))
     res = generate(TorchBackend(fm, 10), ids, SamplingConfig(max_new_tokens=50, ignore_eos=True))
     assert res.stop_reason == "max_context" and len(ids) + len(res.tokens) == 11
+
+
+def test_reply_stops_at_end_of_turn_when_eos_is_ignored():
+    """A timed run decodes a fixed count past the end of turn; the reply shown stops there."""
+    fm = tiny_first("llama")
+    ids = rand_ids(6, 0)
+    res = generate(TorchBackend(fm, 64), ids, SamplingConfig(max_new_tokens=8, ignore_eos=True))
+    assert len(res.tokens) == 8
+    eos = res.tokens[3]
+    cut = res.tokens.index(eos)
+    assert res.reply_tokens([eos]) == res.tokens[:cut]
+    assert res.reply_tokens([VOCAB + 5]) == res.tokens  # no end token: the whole output
+    assert res.reply_tokens([]) == res.tokens
