@@ -8,6 +8,7 @@ graphs and the device runtimes use (DESIGN.md sections 1-2).
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -22,6 +23,13 @@ from runtime.masks import make_mask
 ROUTER_HIDDEN = 64
 ROUTER_INIT_BIAS = 3.0  # sigmoid(3) = 0.95: untrained routers keep every layer at threshold 0.5
 ROUTER_FORMAT = 1
+
+
+def check_pool_start(value, what: str) -> int:
+    """``pool_start`` as an int >= 0, or a one-line FirstEdgeError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise FirstEdgeError(f"{what} must be a non-negative integer, got {value!r}")
+    return int(value)
 
 
 class Router(nn.Module):
@@ -67,6 +75,9 @@ class FirstModel(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or self.hidden_size // self.n_heads
         self.vocab_size = cfg.vocab_size
         self.threshold = float(threshold)
+        # g[l] pools p[l, t] over prompt positions t >= min(pool_start, T - 1) (DESIGN.md section 1 and
+        # Changes 5): the training side sets it to the length of the chat template's shared prefix
+        self.pool_start = 0
         self.register_buffer("pinned_mask", torch.zeros(self.n_layers, dtype=torch.bool), persistent=False)
         self.set_pinned(pinned)
         with torch.random.fork_rng(devices=[]):
@@ -169,19 +180,37 @@ class FirstModel(nn.Module):
         """p[l, t] for every position: [B, T]."""
         return self.routers[l](h)
 
+    def _pool_start(self) -> int:
+        return check_pool_start(self.pool_start, "pool_start")
+
+    def pool_weights(self, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled positions [B, S] bool for a prompt mask [B, S] (True on each row's prompt, a prefix).
+
+        Row b pools positions t with min(P, Tp_b - 1) <= t < Tp_b, Tp_b its prompt length and P
+        ``pool_start``: the user part of the prompt, and always at least its last token.
+        """
+        pm = prompt_mask.bool()
+        S = pm.shape[1]
+        Tp = pm.sum(1, keepdim=True)  # [B, 1]
+        start = (Tp - 1).clamp(min=0, max=self._pool_start())
+        t = torch.arange(S, device=pm.device).unsqueeze(0)
+        return (t >= start) & (t < Tp)
+
     def prefill(self, input_ids: torch.Tensor, threshold: Optional[float] = None):
         """Run every layer over the prompt [1, T].
 
-        Returns logits of the last position [1, V], router scores g [L], the threshold mask [L]
-        (pinned layers on) and the per-layer K/V lists.
+        Returns logits of the last position [1, V], router scores g [L] (the mean of p[l, t] over
+        t in [min(pool_start, T - 1), T)), the threshold mask [L] (pinned layers on) and the per-layer
+        K/V lists.
         """
         T = input_ids.shape[1]
+        s0 = min(self._pool_start(), T - 1)
         pos = torch.arange(T, dtype=torch.int64).unsqueeze(0)
         cos, sin = self.rope(pos)
         h = self.embed(input_ids)
         scores, ks, vs = [], [], []
         for l in range(self.n_layers):
-            scores.append(self.router_probs(l, h).mean(dim=1)[0])
+            scores.append(self.router_probs(l, h)[:, s0:].mean(dim=1)[0])
             h, k, v = self.layer(l, h, cos, sin)
             ks.append(k)
             vs.append(v)
@@ -205,7 +234,8 @@ class FirstModel(nn.Module):
         input_ids [B, S] (right padded), prompt_mask [B, S] True on prompt positions (a prefix).
         Prompt positions pass every layer; completion positions mix ``h + gate[l] * (layer_l(h) - h)``.
         The gate of layer l is ``gates[:, l]`` ([B, L] or [L]) or ``gate_fn(l, g_l)`` where g_l [B] is
-        the prompt-mean router score at layer l. Returns (logits [B, S, V], scores g [B, L], gates [B, L]).
+        the router score at layer l pooled over ``pool_weights(prompt_mask)``. Returns (logits [B, S, V],
+        scores g [B, L], gates [B, L]).
         With hard 0/1 gates this equals the KV-cache generator exactly.
         """
         B, S = input_ids.shape
@@ -214,11 +244,12 @@ class FirstModel(nn.Module):
         h = self.embed(input_ids)
         pm = prompt_mask.to(h.dtype)
         comp = (1.0 - pm).unsqueeze(-1)
-        denom = pm.sum(1).clamp_min(1.0)
+        pw = self.pool_weights(prompt_mask).to(h.dtype)
+        denom = pw.sum(1).clamp_min(1.0)
         all_g, all_gate = [], []
         for l in range(self.n_layers):
             p = self.router_probs(l, h)
-            g = (p * pm).sum(1) / denom
+            g = (p * pw).sum(1) / denom
             if gates is not None:
                 gl = gates[..., l] if gates.dim() == 2 else gates[l].expand(B)
             elif gate_fn is not None:
@@ -253,7 +284,7 @@ class FirstModel(nn.Module):
         sd = {k: v.detach().contiguous().float() for k, v in self.routers.state_dict().items()}
         save_file(sd, str(path / "routers.safetensors"))
         cfg = {"format": ROUTER_FORMAT, "base_model": self.identity(), "router_width": self.routers[0].fc1.out_features,
-               "threshold": self.threshold, "pinned": self.pinned}
+               "threshold": self.threshold, "pinned": self.pinned, "pool_start": self._pool_start()}
         if extra:
             cfg.update(extra)
         (path / "routers.json").write_text(json.dumps(cfg, indent=2))
@@ -278,6 +309,8 @@ class FirstModel(nn.Module):
                 raise FirstEdgeError(
                     f"routers in {path} were trained for another base model ({theirs.get('name')}, "
                     f"{key}={theirs.get(key)}), not this one ({mine['name']}, {key}={mine.get(key)})")
+        # absent in checkpoints from before the pooling change: 0 (every prompt token pooled)
+        P = check_pool_start(cfg.get("pool_start", 0), f"{cfg_file}: pool_start")
         width = int(cfg.get("router_width", ROUTER_HIDDEN))
         if width != self.routers[0].fc1.out_features:
             self.routers = nn.ModuleList(Router(self.hidden_size, width) for _ in range(self.n_layers))
@@ -288,6 +321,7 @@ class FirstModel(nn.Module):
             raise FirstEdgeError(f"cannot read router weights {w_file}: {str(e).splitlines()[0][:200]}") from None
         self.threshold = float(cfg.get("threshold", self.threshold))
         self.set_pinned(cfg.get("pinned", []))
+        self.pool_start = P
         return cfg
 
 

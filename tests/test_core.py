@@ -155,6 +155,71 @@ def test_mixed_forward_batch_matches_single_and_gate_fn():
     assert gatesb[1].tolist() == (gref >= 0.5).float().tolist()
 
 
+# ---------------------------------------------------------------- pooling past the shared chat prefix
+def _direct_router_probs(fm, ids):
+    """p[l, t] [L, T] for a prompt, layer by layer (independent of FirstModel.prefill's pooling)."""
+    ids = torch.tensor([ids])
+    T = ids.shape[1]
+    cos, sin = fm.rope(torch.arange(T).unsqueeze(0))
+    h = fm.embed(ids)
+    ps = []
+    for l in range(fm.n_layers):
+        ps.append(fm.router_probs(l, h)[0])
+        h, _, _ = fm.layer(l, h, cos, sin)
+    return torch.stack(ps).numpy()
+
+
+def test_pool_weights_start_at_pool_start_and_keep_the_last_prompt_token():
+    fm = tiny_first("llama", layers=2)
+    pm = torch.zeros(4, 9, dtype=torch.bool)
+    for b, n in enumerate((9, 5, 3, 0)):
+        pm[b, :n] = True
+    assert torch.equal(fm.pool_weights(pm), pm)  # P = 0: every prompt position
+    fm.pool_start = 4
+    want = torch.zeros(4, 9, dtype=torch.bool)
+    want[0, 4:9] = True  # [P, T)
+    want[1, 4:5] = True  # T = P + 1
+    want[2, 2:3] = True  # T <= P: only the last prompt token
+    assert torch.equal(fm.pool_weights(pm), want)
+    fm.pool_start = -1
+    with pytest.raises(FirstEdgeError, match="pool_start must be a non-negative integer"):
+        fm.pool_weights(pm)
+
+
+@torch.no_grad()
+def test_prefill_scores_pool_from_pool_start():
+    fm = randomize_routers(tiny_first("llama"), seed=2)
+    P = 5
+    for T in (12, P + 1, P, 2, 1):
+        ids = rand_ids(T, 40 + T)
+        p = _direct_router_probs(fm, ids)
+        fm.pool_start = 0
+        g0 = fm.prefill(torch.tensor([ids]))[1].numpy()
+        fm.pool_start = P
+        g = fm.prefill(torch.tensor([ids]))[1].numpy()
+        np.testing.assert_allclose(g0, p.mean(1), atol=1e-6)
+        np.testing.assert_allclose(g, p[:, P:].mean(1) if T > P else p[:, -1], atol=1e-6)
+        if T > 1:
+            assert np.abs(g - g0).max() > 1e-3, T  # the shared prefix is really left out
+
+
+@torch.no_grad()
+def test_mixed_forward_scores_equal_prefill_scores_with_pool_start():
+    """Batched, right padded, prompts shorter than, equal to and longer than P: training g == generator g."""
+    fm = randomize_routers(tiny_first("llama"), seed=5)
+    fm.pool_start = 4
+    rows = [(rand_ids(11, 1), 8), (rand_ids(7, 2), 3), (rand_ids(9, 3), 4), (rand_ids(5, 4), 1)]
+    S = max(len(r) for r, _ in rows)
+    batch = torch.tensor([r + [0] * (S - len(r)) for r, _ in rows])
+    pm = torch.zeros_like(batch, dtype=torch.bool)
+    for b, (_, n) in enumerate(rows):
+        pm[b, :n] = True
+    _, g, _ = fm.mixed_forward(batch, pm, gate_fn=lambda l, g: (g >= 0.5).float())
+    for b, (r, n) in enumerate(rows):
+        gref = fm.prefill(torch.tensor([r[:n]]))[1]
+        assert torch.allclose(g[b], gref, atol=1e-6), b
+
+
 def test_soft_gates_carry_gradient_to_routers():
     fm = randomize_routers(tiny_first("llama"), seed=3)
     ids = torch.tensor([rand_ids(10, 5)])

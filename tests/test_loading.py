@@ -126,6 +126,33 @@ def test_routers_save_load_roundtrip(tmp_path):
     assert fm2.pinned == [0] and fm2.threshold == 0.6
 
 
+def test_routers_pool_start_roundtrip_and_bad_values(tmp_path):
+    fm = randomize_routers(tiny_first("llama"), seed=4)
+    fm.pool_start = 3
+    fm.save_routers(tmp_path / "r")
+    cfg_file = tmp_path / "r" / "routers.json"
+    assert json.loads(cfg_file.read_text())["pool_start"] == 3
+    fm2 = tiny_first("llama")
+    assert fm2.pool_start == 0
+    fm2.load_routers(tmp_path / "r")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    assert fm2.pool_start == 3 and torch.equal(fm2.prefill(ids)[1], fm.prefill(ids)[1])
+    # a checkpoint from before pool_start (no key) loads as 0: every prompt token pooled
+    cfg = json.loads(cfg_file.read_text())
+    del cfg["pool_start"]
+    cfg_file.write_text(json.dumps(cfg))
+    fm2.load_routers(tmp_path / "r")
+    assert fm2.pool_start == 0
+    for bad in (-1, 2.5, "3", True, None):
+        cfg["pool_start"] = bad
+        cfg_file.write_text(json.dumps(cfg))
+        fm3 = tiny_first("llama")
+        with pytest.raises(FirstEdgeError, match="pool_start must be a non-negative integer") as e:
+            fm3.load_routers(tmp_path / "r")
+        assert "\n" not in str(e.value) and "routers.json" in str(e.value)
+        assert fm3.pool_start == 0
+
+
 def test_routers_refused_on_wrong_base(tmp_path):
     tiny_first("llama", seed=0).save_routers(tmp_path / "r")
     other = tiny_first("llama", seed=1)  # same shapes, other weights
