@@ -57,6 +57,7 @@ def write_common(fm, tok, out: Path, run: Optional[str]) -> dict:
         "tokens": {"bos_id": tok.bos_token_id, "eos_ids": eos_ids(tok, fm.cfg)},
         "chat": {"template": getattr(tok, "chat_template", None) or "", "prefix": pre, "suffix": post},
         "routing": {"default_threshold": fm.threshold, "pinned": list(fm.pinned), "mask_dtype": "bool",
+                    "pool_start": fm._pool_start(),  # applied inside the prefill graph (DESIGN.md Changes 5)
                     "router_source": str(run) if run else "untrained"},
     }
 

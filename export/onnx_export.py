@@ -92,6 +92,7 @@ class Weights:
         self.routers = [{"fc1": (_np(r.fc1.weight), _np(r.fc1.bias)), "fc2": (_np(r.fc2.weight), _np(r.fc2.bias))}
                         for r in fm.routers]
         self.pinned = np.asarray(fm.pinned_mask.cpu().numpy(), dtype=bool)
+        self.pool_start = fm._pool_start()
         # rotary caches exactly as FirstModel.rope computes them (float32), half head_dim wide
         pos = torch.arange(self.max_context, dtype=torch.float32)[:, None]
         freqs = pos * fm.inv_freq.float()[None, :]
@@ -276,6 +277,12 @@ def build_prefill(W: Weights, bits: Optional[int]) -> onnx.ModelProto:
     pos = g.op("Range", [g.const("zero_i64", np.array(0, np.int64)), g.op("Squeeze", [T], name="T_scalar")[0],
                          g.const("one_i64", np.array(1, np.int64))], name="positions")[0]
     pos_ids = g.op("Unsqueeze", [pos, g.const("axes0", np.array([0], np.int64))], name="position_ids")[0]
+    # router scores pool the positions [min(P, T - 1), T) (DESIGN.md section 1; P baked in)
+    pool_start = g.op("Min", [g.const("router.pool_start", np.array([W.pool_start], np.int64)),
+                              g.op("Sub", [T, g.const("one_i64_1", np.array([1], np.int64))], name="last_pos")[0]],
+                      name="router.pool_from")[0]  # [1] int64
+    pool_end = g.const("router.pool_end", np.array([np.iinfo(np.int64).max], np.int64))
+    pool_axes = g.const("router.pool_axes", np.array([1], np.int64))
     h = g.embed("input_ids", W)
     ones_d = g.const("router.norm_ones", np.ones(W.D, np.float32))
     scores = []
@@ -292,7 +299,8 @@ def build_prefill(W: Weights, bits: Optional[int]) -> onnx.ModelProto:
         z = g.op("MatMul", [z, g.const(rp + ".fc2.weight", np.ascontiguousarray(r["fc2"][0].T))], name=rp + ".fc2")[0]
         z = g.op("Add", [z, g.const(rp + ".fc2.bias", r["fc2"][1])], name=rp + ".fc2/bias")[0]
         pr = g.op("Sigmoid", [z], name=rp + ".prob")[0]  # [1, T, 1]
-        scores.append(g.op("ReduceMean", [pr], name=rp + ".mean", keepdims=0)[0])  # scalar
+        pooled = g.op("Slice", [pr, pool_start, pool_end, pool_axes], name=rp + ".pooled")[0]  # [1, T - start, 1]
+        scores.append(g.op("ReduceMean", [pooled], name=rp + ".mean", keepdims=0)[0])  # scalar
         _, _, pk, pv = kv_names(l)
         h = _layer_body(g, W, l, h, pos_ids, seqlens, total, None, None, cos, sin, (pk, pv))
         outs += [pk, pv]
@@ -459,6 +467,14 @@ def validate(fm, out_dir: Path, graphs: dict, max_context: int, bits: Optional[i
             _, g_ref, m_ref, _, _ = fm.prefill(torch.from_numpy(ids).view(1, -1), fm_thr)
         if not np.array_equal(m_ort, m_ref.numpy()) and np.abs(g_ref.numpy() - fm_thr).min() > 1e-4:
             problems.append(f"{shape}: prefill layer_mask differs from the reference")
+        # prompts no longer than pool_start pool only their last token
+        for n in sorted({1, min(T, max(fm.pool_start, 1))}):
+            _, g_ort, _ = be.prefill(ids[:n], fm_thr)
+            with torch.inference_mode():
+                g_ref = fm.prefill(torch.from_numpy(ids[:n]).view(1, -1), fm_thr)[1].numpy()
+            if bits is None and not np.allclose(g_ort, g_ref, atol=1e-4):
+                problems.append(f"{shape}: router scores of a {n}-token prompt differ by "
+                                f"{np.abs(g_ort - g_ref).max():.2e}")
         be.close()
     if problems:
         raise FirstEdgeError("ONNX export validation failed: " + "; ".join(problems))

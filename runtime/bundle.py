@@ -87,6 +87,10 @@ class Bundle:
             raise FirstEdgeError(f"manifest dims inconsistent: n_heads {model['n_heads']} is not a multiple of "
                                  f"n_kv_heads {model['n_kv_heads']}")
         routing = m.get("routing", {})
+        if "pool_start" in routing:
+            ps = routing["pool_start"]
+            if isinstance(ps, bool) or not isinstance(ps, int) or ps < 0:
+                raise FirstEdgeError(f"manifest routing.pool_start must be a non-negative integer, got {ps!r}")
         for p in routing.get("pinned", []):
             if not 0 <= int(p) < model["n_layers"]:
                 raise FirstEdgeError(f"manifest pins layer {p}, outside 0..{model['n_layers'] - 1}")
@@ -133,6 +137,11 @@ class Bundle:
     @property
     def default_threshold(self) -> float:
         return float(self.routing.get("default_threshold", 0.5))
+
+    @property
+    def pool_start(self) -> int:
+        """First prompt position the router scores pool (the prefill graph applies it; 0: every position)."""
+        return int(self.routing.get("pool_start", 0))
 
     @property
     def pinned(self) -> List[int]:

@@ -138,6 +138,61 @@ def test_prefill_outputs_match_reference(bundle_dir, ref_model):
             np.testing.assert_allclose(outs[f"present.{l}.value"], vs[l].numpy(), atol=1e-4)
 
 
+POOL_START = 5
+
+
+@pytest.fixture(scope="session")
+def pool_bundle(tiny_dir, tmp_path_factory):
+    """Routers that pool from position POOL_START (the chat prefix left out): (bundle folder, reference)."""
+    from export.build import build
+    from export.model import build_first_model
+
+    fm, _ = build_first_model(str(tiny_dir), verbose=False)
+    randomize_routers(fm, seed=3)
+    fm.pool_start = POOL_START
+    run = tmp_path_factory.mktemp("run_pool")
+    fm.save_routers(run)
+    out = build("rpi", tmp_path_factory.mktemp("bundles") / "pool", model=str(tiny_dir), run=str(run),
+                max_context=MAX_CTX, verbose=False, decode_shape="fused")
+    return out, build_first_model(str(tiny_dir), str(run), verbose=False)[0]
+
+
+def test_pool_start_parity_with_reference(pool_bundle):
+    """Scores pooled over [min(P, T-1), T) in the graph: equal to the reference (not the plain prompt mean),
+    prompts shorter than, equal to and longer than P; masks and greedy tokens identical."""
+    import onnxruntime as ort
+
+    from runtime.ort_backend import session_options
+
+    out, fm = pool_bundle
+    assert fm.pool_start == POOL_START and Bundle(out).pool_start == POOL_START
+    assert Bundle(out).manifest["routing"]["pool_start"] == POOL_START
+    s = ort.InferenceSession(str(Path(out) / "prefill.onnx"), session_options(2), providers=["CPUExecutionProvider"])
+    be = backend(out, "fused")
+    cfg = SamplingConfig(max_new_tokens=6, ignore_eos=True)
+    n_mixed = 0
+    for T in (1, 3, POOL_START, POOL_START + 1, 9, 17):
+        ids = rand_ids(T, 300 + T)
+        res = s.run(["router_scores", "layer_mask"], {"input_ids": np.array([ids], np.int64),
+                                                      "threshold": np.array([fm.threshold], np.float32)})
+        with torch.inference_mode():
+            _, g, mask, _, _ = fm.prefill(torch.tensor([ids]))
+            fm.pool_start = 0
+            g_all = fm.prefill(torch.tensor([ids]))[1]
+            fm.pool_start = POOL_START
+        np.testing.assert_allclose(res[0], g.numpy(), atol=1e-5)
+        assert np.array_equal(res[1], mask.numpy()), T
+        if T > 1:
+            assert np.abs(res[0] - g_all.numpy()).max() > 1e-3, T  # not the plain mean over the prompt
+        ref = generate(TorchBackend(fm, MAX_CTX), ids, cfg, pinned=fm.pinned, keep_logits=True,
+                       default_threshold=fm.threshold)
+        got = generate(be, ids, cfg, pinned=fm.pinned, keep_logits=True, default_threshold=fm.threshold)
+        assert np.array_equal(got.mask, ref.mask) and got.tokens == ref.tokens, T
+        np.testing.assert_allclose(got.scores, ref.scores, atol=1e-5)
+        n_mixed += not got.mask.all()
+    assert n_mixed >= 2  # the routers' masks really skip layers
+
+
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
 def test_other_architectures_export_and_validate(arch, tmp_path):
     from export.onnx_export import build_graphs
@@ -290,6 +345,16 @@ def test_bad_bundle_dims_not_matching_graph(bundle_dir, tmp_path, key, value, ma
     _edit_manifest(d, lambda m: m["model"].update({key: value}))
     with pytest.raises(FirstEdgeError, match=f"bundle dims do not match the graphs.*{match}"):
         _load(d)
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, "3", True])
+def test_bad_bundle_pool_start(bundle_dir, tmp_path, value):
+    d = _copy(bundle_dir, tmp_path)
+    assert Bundle(d).pool_start == 0
+    _edit_manifest(d, lambda m: m["routing"].update(pool_start=value))
+    with pytest.raises(FirstEdgeError, match="manifest routing.pool_start must be a non-negative integer") as e:
+        _load(d)
+    assert "\n" not in str(e.value)
 
 
 def test_bad_bundle_truncated_onnx(bundle_dir, tmp_path):
