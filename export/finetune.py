@@ -48,6 +48,7 @@ CACHE_FORMAT = 1
 
 @dataclass
 class TrainConfig:
+    recipe: str = "rank"             # "rank" (default, export/rank.py) or "e2e" (straight-through, below)
     per_task: int = 32               # training records per task (0 = all)
     max_prompt_tokens: int = 192
     max_completion_tokens: int = 32
@@ -64,25 +65,40 @@ class TrainConfig:
     lam: float = 2.0                 # latency weight
     target_keep: Optional[float] = 0.7   # fraction of layers kept the latency term aims at (None: lam * mean gate)
     tau: float = 0.5                 # hard-gate threshold (= the runtime default threshold)
-    bf16: bool = True                # bf16 autocast for the frozen model's matmuls
+    bf16: bool = True                # bf16 for the frozen model where it is fast (CPUs with AMX), else fp32
     seed: int = 0
     save_every: int = 25
+    # rank recipe (export/rank.py); max_completion_tokens is the length of the base continuation
+    calib_per_task: int = 4          # prompts per task for the importance prior and pinning
+    pin_nats: float = 1.0            # pin a layer when skipping it alone costs more on >= 90% of those
+    label_k: int = 0                 # skipped layers of the static mask the labels toggle around (0: from target_keep)
+    rank_steps: int = 150
+    rank_lr: float = 3e-3
+    weight_decay: float = 0.05
+    rank_cap: float = 1.0            # label differences above this (nats) weigh the same
+    rank_temperature: float = 0.25
+    val_calib_per_task: int = 4      # val prompts per task for the threshold calibration
 
     @property
     def total_steps(self) -> int:
+        if self.recipe == "rank":
+            return self.rank_steps
         return self.soft_steps + self.hard_steps + self.lora_steps
 
 
 PRESETS: Dict[str, dict] = {
-    # <= 15 minutes on 2 CPU cores including the prompt cache (measured: see docs/finetuning.md)
-    "quick": dict(per_task=32, max_prompt_tokens=192, max_completion_tokens=32, batch_size=8,
-                  soft_steps=25, hard_steps=45, lora_steps=20),
-    # the documented full run (about an hour on 2 cores, see docs/finetuning.md)
-    "full": dict(per_task=96, max_prompt_tokens=256, max_completion_tokens=48, batch_size=16,
-                 soft_steps=100, hard_steps=200, lora_steps=60, lr=3e-3),
+    # rank recipe sizes: measured times in docs/finetuning.md (quick <= 8 min, full <= 45 min on 2 cores);
+    # the e2e recipe (--recipe e2e) reads the same presets' e2e fields
+    "quick": dict(per_task=16, max_prompt_tokens=192, max_completion_tokens=16, batch_size=8,
+                  soft_steps=25, hard_steps=45, lora_steps=20, rank_steps=150,
+                  calib_per_task=3, val_calib_per_task=3),
+    "full": dict(per_task=64, max_prompt_tokens=256, max_completion_tokens=24, batch_size=16,
+                 soft_steps=100, hard_steps=200, lora_steps=60, lr=3e-3, rank_steps=400,
+                 calib_per_task=8, val_calib_per_task=8),
     # for tests
     "tiny": dict(per_task=4, max_prompt_tokens=64, max_completion_tokens=8, batch_size=4,
-                 soft_steps=3, hard_steps=3, lora_steps=2, save_every=2, kd_topk=8),
+                 soft_steps=3, hard_steps=3, lora_steps=2, save_every=2, kd_topk=8, rank_steps=6,
+                 calib_per_task=2, val_calib_per_task=2, rank_lr=1e-2),
 }
 
 
@@ -359,6 +375,18 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
           resume: bool = False, stop_after: Optional[int] = None, progress: bool = True, verbose: bool = True,
           fm: Optional[FirstModel] = None, tok=None) -> dict:
     """Train routers (and LoRA); returns the summary also written into routers.json."""
+    from .importance import bf16_is_fast
+
+    cfg.bf16 = bool(cfg.bf16 and bf16_is_fast())
+    if cfg.recipe == "rank":
+        if lora:
+            raise FirstEdgeError("--lora needs the end-to-end recipe (--recipe e2e)")
+        from .rank import train_rank
+
+        return train_rank(model, data_dir, out, cfg, tasks=tasks, resume=resume, progress=progress,
+                          verbose=verbose, fm=fm, tok=tok)
+    if cfg.recipe != "e2e":
+        raise FirstEdgeError(f"unknown recipe '{cfg.recipe}' (use rank or e2e)")
     t_start = time.time()
     out = Path(out)
     if not lora:
@@ -545,8 +573,11 @@ def main(argv=None):
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--keep-cache", action="store_true", help="keep <out>/cache (prompt states) after training")
     ap.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--recipe", choices=["rank", "e2e"], default=None,
+                    help="rank: routers learn measured per-prompt layer importance (default); "
+                         "e2e: end-to-end straight-through training")
     for f in TrainConfig.__dataclass_fields__.values():
-        if f.name == "bf16":
+        if f.name in ("bf16", "recipe"):
             continue
         typ = int if isinstance(f.default, int) and not isinstance(f.default, bool) else float
         ap.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None,
@@ -560,6 +591,8 @@ def main(argv=None):
         v = getattr(args, f, None)
         if v is not None and f != "bf16":
             setattr(cfg, f, v)
+    if cfg.recipe == "rank" and args.lora:
+        raise FirstEdgeError("--lora needs the end-to-end recipe (--recipe e2e)")
     if args.target_keep is not None and args.target_keep < 0:
         cfg.target_keep = None  # a negative value selects the plain lam * mean-gate penalty
     if args.fp32:

@@ -17,6 +17,7 @@ from helpers import tiny_vocab_data
 
 def tiny_cfg(**kw):
     cfg = ft.TrainConfig(**ft.PRESETS["tiny"])
+    cfg.recipe = "e2e"  # the rank recipe has its own tests below
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -227,3 +228,99 @@ def test_cli_errors(tmp_path, tiny_dir, capsys):
     with pytest.raises(SystemExit) as e:
         ft.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "r"), "--model", str(tiny_dir)])
     assert e.value.code == 2 and "data folder not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- rank recipe (training v2)
+def test_importance_initialised_routers_reproduce_the_static_mask_in_budget_mode():
+    from export.importance import importance_order, static_mask
+    from export.rank import init_from_importance
+    from helpers import tiny_first
+    from runtime.masks import budget_mask
+
+    fm = tiny_first("llama")
+    L = fm.n_layers
+    costs = np.array([5.0, 0.3, 0.1, 0.1, 0.7, 2.0])[:L]
+    order = importance_order(costs, pinned=[0])
+    assert list(order) == [3, 2, 1, 4, 5, 0]  # ties: the higher index first; pinned last
+    init_from_importance(fm, order)
+    for seed in range(3):
+        ids = torch.randint(5, 90, (1, 7 + seed), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            _, g, mask, _, _ = fm.prefill(ids)
+        assert bool(mask.all())  # threshold 0.5 keeps every layer before training
+        for k in range(1, L):
+            got = budget_mask(g.numpy(), L - k)
+            assert np.array_equal(got, static_mask(order, k, L)), k
+
+
+def test_toggle_labels_match_a_direct_two_forward_kl():
+    """Labels from the batched teacher-forced scorer equal KL computed from two plain forwards."""
+    from export.importance import Scorer, toggle_labels
+    from helpers import tiny_first
+
+    fm = tiny_first("llama")
+    L = fm.n_layers
+    sc = Scorer(fm, bf16=False, chunk=3)
+    ids = [int(x) for x in torch.randint(5, 90, (9,), generator=torch.Generator().manual_seed(1))]
+    ps = sc.prepare(ids, 6)
+    assert len(ps.cont) == 6
+    static = np.array([True, False, True, True, False, True])
+    u, k0 = toggle_labels(sc, ps, static)
+
+    def direct_kl(mask):
+        full = torch.tensor([ids + ps.cont])
+        pm = torch.zeros_like(full, dtype=torch.bool)
+        pm[:, :len(ids)] = True
+        with torch.no_grad():
+            base = fm.mixed_forward(full, pm, gates=torch.ones(L))[0]
+            alt = fm.mixed_forward(full, pm, gates=torch.tensor(mask, dtype=torch.float32))[0]
+        sl = slice(len(ids), len(ids) + len(ps.cont) - 1)  # positions fed with y_1 .. y_{n-1}
+        lb, la = torch.log_softmax(base[0, sl], -1), torch.log_softmax(alt[0, sl], -1)
+        return float((lb.exp() * (lb - la)).sum(-1).mean())
+
+    assert abs(k0 - direct_kl(static)) < 1e-4
+    for l in range(L):
+        t = static.copy()
+        t[l] = ~t[l]
+        want = direct_kl(t) - k0 if static[l] else k0 - direct_kl(t)
+        assert abs(u[l] - want) < 1e-4, l
+    assert np.abs(u).max() > 1e-3
+
+
+def test_rank_loss_prefers_the_measured_order():
+    from export.rank import rank_loss
+
+    u = torch.tensor([[0.9, 0.1, 0.5, 0.0]])
+    free = torch.tensor([True, True, True, False])
+    right = rank_loss(torch.tensor([[3.0, 1.0, 2.0, 0.0]]), u, free, 1.0, 0.25)
+    wrong = rank_loss(torch.tensor([[1.0, 3.0, 2.0, 0.0]]), u, free, 1.0, 0.25)
+    pinned_only = rank_loss(torch.tensor([[3.0, 1.0, 2.0, 9.0]]), u, free, 1.0, 0.25)
+    assert right < wrong and torch.isclose(right, pinned_only)
+
+
+def test_rank_recipe_measures_fits_and_calibrates(tmp_path, tiny_dir, data_dir):
+    data = slice_data(data_dir, tmp_path / "data", n=6)
+    cfg = ft.TrainConfig(**ft.PRESETS["tiny"])
+    assert cfg.recipe == "rank"
+    cfg.rank_steps, cfg.label_k, cfg.pin_nats = 8, 2, 50.0
+    run = tmp_path / "run"
+    summary = ft.train(str(tiny_dir), str(data), str(run), cfg, progress=False, verbose=False)
+    rj = json.loads((run / "routers.json").read_text())
+    assert rj["recipe"] == "rank" and summary["examples"] == 8
+    imp = rj["importance"]
+    assert len(imp["kl_skip_one"]) == 6 and imp["label_k"] == 2 and len(imp["static_mask_skips"]) == 2
+    assert rj["pool_start"] > 0  # the chat prefix is not pooled
+    pts = rj["calibration"]["points"]
+    assert pts and all(p["mean_skipped"] <= p["target_skipped"] for p in pts)
+    assert rj["threshold"] in [p["threshold"] for p in pts]
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))
+    fm, _ = build_first_model(str(tiny_dir), str(run), verbose=False)
+    moved = max(float(r.fc2.weight.abs().max()) for r in fm.routers)
+    assert moved > 0  # learnt per-prompt deviations from the prior
+    # the labels are reused on --resume (no second measurement)
+    t = (run / "labels" / "meta.json").stat().st_mtime
+    ft.train(str(tiny_dir), str(data), str(run), cfg, progress=False, verbose=False, resume=True)
+    assert (run / "labels" / "meta.json").stat().st_mtime == t
+    with pytest.raises(FirstEdgeError, match="--lora needs the end-to-end recipe"):
+        ft.train(str(tiny_dir), str(data), str(tmp_path / "r2"), cfg, lora=True, progress=False, verbose=False)
