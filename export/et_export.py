@@ -179,10 +179,14 @@ class PrefillM(nn.Module):
         cos, sin = fm.rope(pos.unsqueeze(0))
         cos, sin = cos.view(T, 1, fm.head_dim), sin.view(T, 1, fm.head_dim)
         allowed = (pos.unsqueeze(0) <= pos.unsqueeze(1)).repeat(fm.n_heads // fm.n_kv_heads, 1)
+        # router scores pool the positions [min(P, T - 1), T) (DESIGN.md section 1): a masked mean with
+        # tensor ops, so T stays dynamic (P is a constant of the graph)
+        pooled = (pos >= pos[-1:].clamp(max=fm._pool_start())).to(torch.float32)  # [T]
+        pool_w = pooled / pooled.sum()
         h = fm.embed(input_ids)
         scores, kv = [], []
         for l in range(fm.n_layers):
-            scores.append(fm.router_probs(l, h).mean(dim=1))
+            scores.append((fm.router_probs(l, h) * pool_w).sum(dim=1))
             h, k, v = prefill_layer(fm, self.c, l, h, cos, sin, allowed)
             kv += [k, v]
         g = torch.cat(scores)

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from et_helpers import MAX_CONTEXT, ROOT, end_of_context_case, prompts, reference, tiny_bundle, workdir
+from et_helpers import (MAX_CONTEXT, POOL_START, ROOT, end_of_context_case, pool_start_cases, prompts, reference,
+                        tiny_bundle, workdir)
 
 from runtime.bundle import Bundle, write_manifest
 from runtime.errors import FirstEdgeError
@@ -96,6 +97,43 @@ def test_python_parity_with_reference(et_backend):
     assert n_mixed >= 3  # the hand-set routers really skip layers
 
 
+def test_pool_start_parity_with_reference(bundle, et_backend):
+    """The shared bundle's routers have pool_start P > 0: the prefill method pools [min(P, T-1), T) (not the
+    whole prompt); scores, mask and greedy tokens equal the reference for prompts shorter than, equal to and
+    longer than P."""
+    assert Bundle(bundle).pool_start == POOL_START == reference().pool_start
+    n_mixed = 0
+    for ids, a, plain in pool_start_cases(N_NEW):
+        got = run(et_backend, ids, None)
+        np.testing.assert_allclose(got.scores, a.scores, atol=1e-5)
+        assert np.array_equal(got.mask, a.mask) and got.tokens == a.tokens, len(ids)
+        if len(ids) > 1:
+            assert np.abs(got.scores - plain).max() > 1e-3, len(ids)  # not the plain prompt mean
+        n_mixed += not got.mask.all()
+    assert n_mixed >= 2  # the routers' masks really skip layers
+
+
+def test_prefill_method_pools_like_the_reference_eager():
+    """PrefillM (before export) against FirstModel.prefill for pool_start 0 and > 0 (the 8da4w bundle is the
+    only exported pool_start 0 case, and it is quantized)."""
+    import torch
+
+    from export.et_export import PrefillM
+    from helpers import randomize_routers, tiny_first
+
+    fm = randomize_routers(tiny_first("llama", layers=3), seed=1)
+    rng = np.random.default_rng(3)
+    for P in (0, POOL_START):
+        fm.pool_start = P
+        for T in (1, 3, POOL_START, POOL_START + 1, 12):
+            ids = torch.from_numpy(rng.integers(5, 96, size=(1, T)))
+            with torch.no_grad():
+                got = PrefillM(fm)(ids, torch.tensor([0.5]))
+                _, g, mask, _, _ = fm.prefill(ids, 0.5)
+            torch.testing.assert_close(got[1], g, atol=1e-6, rtol=0)
+            assert torch.equal(got[2], mask)
+
+
 def test_threshold_mask_from_graph(et_backend):
     """The prefill graph's layer_mask follows the runtime threshold (not baked in)."""
     ids = prompts(1)[0]
@@ -160,6 +198,7 @@ def _edit_manifest(path, fn, rehash=True):
     ("wrong_kv_heads", "K/V"),
     ("fused_shape", "split"),
     ("modified_pte", "sha256"),
+    ("bad_pool_start", "routing.pool_start"),
 ])
 def test_bad_bundles(bundle, case, expect):
     from runtime.backends import load_backend
@@ -176,6 +215,8 @@ def test_bad_bundles(bundle, case, expect):
         _edit_manifest(b, lambda m: (m["model"].__setitem__("n_kv_heads", 4)))
     elif case == "fused_shape":
         _edit_manifest(b, lambda m: m["graphs"].__setitem__("decode_shape", "fused"))
+    elif case == "bad_pool_start":
+        _edit_manifest(b, lambda m: m["routing"].__setitem__("pool_start", -2))
     elif case == "modified_pte":
         with open(b / "model.pte", "ab") as f:
             f.write(b"x")
@@ -212,11 +253,11 @@ def test_8da4w_bundle_agreement(capsys):
     from export.generate import TorchBackend
     from runtime.backends import load_backend
 
-    b = tiny_bundle("8da4w", layers=3)  # fewer layers: torch.export of quantized layers is slow
+    b = tiny_bundle("8da4w", layers=3, pool_start=0)  # fewer layers: torch.export of quantized layers is slow
     bd = Bundle(b)
-    assert bd.manifest["quantization"] == "8da4w"
+    assert bd.manifest["quantization"] == "8da4w" and bd.pool_start == 0
     be = load_backend(bd, threads=1)
-    ref = TorchBackend(reference(3), max_context=MAX_CONTEXT)
+    ref = TorchBackend(reference(3, pool_start=0), max_context=MAX_CONTEXT)
     agree = total = 0
     for i, ids in enumerate(prompts()):
         mask = masks_for(be.n_layers, i)["random"]

@@ -8,7 +8,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from et_helpers import MAX_CONTEXT, cmake_exe, cpp_build, end_of_context_case, prompts, reference, tiny_bundle, workdir
+from et_helpers import (MAX_CONTEXT, POOL_START, cmake_exe, cpp_build, end_of_context_case, pool_start_cases,
+                        prompts, reference, tiny_bundle, workdir)
 
 from runtime.loop import SamplingConfig, generate
 from runtime.masks import mask_str
@@ -76,6 +77,25 @@ def test_cpp_parity_with_reference(build_dir, bundle):
                 n_mixed += 1
     assert worst <= 1e-3, worst
     assert n_mixed >= 3
+
+
+def test_cpp_pool_start_parity_with_reference(build_dir, bundle):
+    """The shared bundle's routers have pool_start P > 0 (prompts shorter than, equal to and longer than P):
+    the runner's scores, mask and greedy tokens equal the reference, and the scores are not the plain prompt
+    mean."""
+    assert json.loads((bundle / "manifest.json").read_text())["routing"]["pool_start"] == POOL_START
+    n_mixed = 0
+    for ids, a, plain in pool_start_cases(N_NEW):
+        r = cli(build_dir, "--bundle", bundle, "--ids", ",".join(map(str, ids)), "--max-new-tokens", N_NEW,
+                "--ignore-eos", "--threads", 1, "--threshold", 0.5)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        np.testing.assert_allclose(out["scores"], a.scores, atol=1e-5)
+        assert out["mask"] == mask_str(a.mask) and out["tokens"] == a.tokens, len(ids)
+        if len(ids) > 1:
+            assert np.abs(np.array(out["scores"]) - plain).max() > 1e-3, len(ids)
+        n_mixed += not a.mask.all()
+    assert n_mixed >= 2
 
 
 def test_cpp_budget_and_sampling(build_dir, bundle):

@@ -119,6 +119,11 @@ Status load_bundle_info(const std::string& dir_in, BundleInfo* out, bool verify_
     if (e.as_int(&v)) info.eos_ids.push_back(v);
   const Json& routing = m["routing"];
   if (routing["default_threshold"].is_num()) info.default_threshold = (float)routing["default_threshold"].num;
+  if (routing.has("pool_start")) {  // applied inside the prefill method; checked so a bad manifest is refused
+    if (!routing["pool_start"].as_int(&v) || v < 0 || v > (1LL << 31) - 1)
+      return Status::Error("manifest routing.pool_start must be a non-negative integer");
+    info.pool_start = (int)v;
+  }
   for (const Json& p : routing["pinned"].arr) {
     if (!p.as_int(&v) || v < 0 || v >= info.n_layers)
       return Status::Error("manifest pins a layer outside 0.." + std::to_string(info.n_layers - 1));

@@ -30,6 +30,7 @@ struct BundleInfo {
   std::vector<int64_t> eos_ids;
   std::vector<int> pinned;
   float default_threshold = 0.5f;
+  int pool_start = 0;  // first prompt position the router scores pool (the prefill method applies it)
   std::string pte_file;
   std::string prefill_method = "prefill", embed_method = "embed", head_method = "head";
   std::vector<std::string> layer_methods;

@@ -151,6 +151,12 @@ static void bundle_tests(const std::string& good, const std::string& tmp) {
   spit(b + "/manifest.json", replace(mf, "\"n_kv_heads\": ", "\"n_kv_heads\": 3"));
   expect_error(Runner::create(b, 1, &r), "n_kv_heads", "inconsistent dims");
   fresh();
+  spit(b + "/manifest.json", replace(mf, "\"pool_start\": ", "\"pool_start\": -1, \"pool_start_was\": "));
+  expect_error(Runner::create(b, 1, &r), "routing.pool_start", "negative pool_start");
+  fresh();
+  spit(b + "/manifest.json", replace(mf, "\"pool_start\": ", "\"pool_start\": \"2\", \"pool_start_was\": "));
+  expect_error(Runner::create(b, 1, &r), "routing.pool_start", "pool_start not a number");
+  fresh();
   sh("rm '" + b + "/model.pte'");
   expect_error(Runner::create(b, 1, &r), "missing: model.pte", "missing model.pte");
   fresh();
