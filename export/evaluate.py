@@ -1,20 +1,34 @@
-"""Evaluate a router run against the base model and input-agnostic skipping (DESIGN.md section 4).
+"""Evaluate a router run: protocol v2 (DESIGN.md section 4, docs/finetuning.md "Evaluation").
 
-    python -m export.evaluate --run runs/NAME --data DIR --split val [--tasks ...] [--limit N]
-                              [--thresholds 0.3,0.5,0.7,0.9] [--max-new-tokens 48] [--out DIR]
+    python -m export.evaluate --run runs/NAME --data DIR [--split val] [--prompts 100] [--budgets 3,6,9,12]
+                              [--thresholds T,..] [--gen-prompts 32] [--oracle N] [--out DIR]
 
-Per task, every record is scored with the metric its ``metric`` field names (so any task folder in
-the data format evaluates, seen in training or not); greedy decoding through the core generator
-(``runtime.loop.generate`` on the PyTorch reference backend). Configurations per record:
-- base: every layer kept (the same model, with the run's LoRA if it has one);
-- FiRST at each threshold of the sweep (the router mask from the prompt);
-- at the same number of skipped layers as FiRST on that task (rounded mean), the input-agnostic
-  baselines of ``export.baselines`` applied with an explicit ``mask=``: Block Influence, evenly
-  spaced middle layers, random (mean of 3 seeds).
-The prompt's prefill (every layer, independent of the mask) is computed once per record and shared
-by all configurations; identical masks are generated once. Writes ``results.json``, ``report.md``,
-``samples.jsonl``, ``quality_vs_skip.png`` and ``mask_heatmap.png`` into ``--out``
-(default ``<run>/eval_<split>``).
+Phases (``evaluate``):
+1. **sample**: per task a seeded sample spread over the split's file (``importance.spread_sample``: one
+   record per stratum, so one article or database does not fill the sample), the same for every
+   configuration, prompts capped as in training.
+2. **calibrate baselines** on the train split (``--calib`` prompts a task, spread the same way):
+   Block Influence and the static importance order (the KL of skipping each layer alone on the base
+   model's continuation), each globally (over the tasks the routers were trained on) and per task
+   (for tasks the routers were trained on; a held-out task gets only the global ones).
+3. **score** (primary, cheap, low noise): for each prompt the base model's own greedy continuation,
+   then per configuration, teacher-forced on it, the per-token KL(base || configuration) and top-1
+   agreement, and the NLL of the reference completion. Configurations:
+   - budget mode, at each k of ``--budgets`` the same k on every prompt: FiRST top-k (the routers'
+     budget mask), Block Influence global / per task, static importance global / per task, evenly
+     spaced, random (3 seeds, averaged per prompt);
+   - threshold mode, at each threshold: FiRST's mask, and every baseline at the count FiRST skipped
+     on that prompt.
+4. **compare**: per task, mode and k (or threshold), the paired bootstrap 95% interval of
+   (baseline KL - FiRST KL) over prompts: a win when it lies above 0, a loss below, else a tie.
+5. **generate** (secondary, ``--gen-prompts``): greedy generation scored with each record's metric, and
+   the agreement with the base model's own answer (the metric against the base output), for base,
+   FiRST and the best static baseline at the budgets 6 and 9 and at each threshold.
+6. **oracle** (``--oracle N`` prompts a task): the best static mask per task and the best per-prompt
+   mask at k = 6 and 9 (greedy, chosen on the first half of the continuation, scored on the second),
+   against FiRST and the best calibrated baseline on the same second halves.
+Writes ``results.json``, ``report.md``, ``kl_vs_k.png``, ``mask_heatmap.png`` (and
+``quality_vs_skip.png`` with generation) into ``--out`` (default ``<run>/eval_<split>``).
 """
 from __future__ import annotations
 
@@ -31,253 +45,369 @@ import torch
 
 from runtime.errors import FirstEdgeError, cli_main
 from runtime.loop import SamplingConfig, generate
-from runtime.masks import mask_str
+from runtime.masks import budget_mask, mask_str, threshold_mask
 
 from . import baselines as B
-from .data import Encoder, end_of_turn_id, load_split, mix_tasks
+from .data import Encoder, end_of_turn_id, load_split
 from .generate import TorchBackend, eos_ids
+from .importance import (PromptState, Scorer, greedy_masks, importance_order, paired_bootstrap, single_skip_costs,
+                         spread_sample, static_mask, verdict)
 from .metrics import score
 from .model import FirstModel, build_first_model
 
-BASELINE_LABELS = {"block_influence": "Block Influence", "even": "evenly spaced", "random": "random (3 seeds)"}
-
-
-class SharedPrefillBackend(TorchBackend):
-    """The reference backend, remembering prefills: generating the same prompt again with another
-    mask only rewinds the KV lengths (the prompt entries stay in the buffers), and prompts seen
-    before (kept until ``forget()``) get their prompt K/V copied back instead of recomputed."""
-
-    def __init__(self, fm: FirstModel, max_context: Optional[int] = None):
-        super().__init__(fm, max_context)
-        self._key = None
-        self._store = {}
-        self.prefills = 0
-
-    def forget(self):
-        self._store.clear()
-
-    def prefill(self, input_ids, threshold: float):
-        ids = np.asarray(input_ids, dtype=np.int64)
-        key = ids.tobytes()
-        T = int(ids.size)
-        if key != self._key:
-            if key in self._store:
-                res, ks, vs = self._store[key]
-                for l in range(self.n_layers):
-                    self.k[l][:, :, :T] = ks[l]
-                    self.v[l][:, :, :T] = vs[l]
-            else:
-                res = super().prefill(ids, threshold)
-                self.prefills += 1
-                self._store[key] = (res, [k[:, :, :T].clone() for k in self.k], [v[:, :, :T].clone() for v in self.v])
-            self._res = res
-            self._key = key
-        self.lengths = [T] * self.n_layers
-        self.layer_calls.clear()
-        logits, g, _ = self._res
-        mask = (g >= np.float32(threshold)) | self.fm.pinned_mask.numpy()
-        return logits, g, mask
+METHODS = ("bi_global", "bi_task", "static_global", "static_task", "even", "random")
+LABELS = {"first": "FiRST", "bi_global": "Block Influence (global)", "bi_task": "Block Influence (per task)",
+          "static_global": "static importance (global)", "static_task": "static importance (per task)",
+          "even": "evenly spaced", "random": "random (3 seeds)"}
+SEEDS = (0, 1, 2)
+TARGET_KS = (6, 9)
 
 
 def layer_flops(fm: FirstModel) -> np.ndarray:
     """Matmul FLOPs per decoded token: 2 * weights of each layer, and of the LM head last."""
     per = [2 * sum(p.numel() for n, p in fm.layers[l].named_parameters() if p.dim() == 2) for l in range(fm.n_layers)]
-    head = 2 * fm.vocab_size * fm.hidden_size
-    return np.array(per + [head], dtype=np.float64)
+    return np.array(per + [2 * fm.vocab_size * fm.hidden_size], dtype=np.float64)
 
 
-def flops_skipped(mask: np.ndarray, flops: np.ndarray) -> float:
-    return float(flops[:-1][~np.asarray(mask, bool)].sum() / flops.sum())
+# ------------------------------------------------------------------ 1. sample
+def sample_prompts(data_dir, split: str, tasks, n: int, seed: int, enc: Encoder) -> Dict[str, list]:
+    """{task: [(record, prompt ids)]}: ``n`` records a task spread over the file, seeded."""
+    per = load_split(data_dir, split, tasks)
+    return {t: [(r, enc.prompt(r.prompt)) for r in spread_sample(recs, n, seed=seed)] for t, recs in per.items()}
 
 
-def _mean(xs):
-    xs = list(xs)
-    return float(np.mean(xs)) if xs else float("nan")
+# ------------------------------------------------------------------ 2. calibrate baselines
+def calibrate_baselines(fm: FirstModel, scorer: Scorer, data_dir, tasks: List[str], enc: Encoder, n: int,
+                        n_new: int, eos, seed: int, progress=None) -> dict:
+    """Block Influence and single-layer KL costs on ``n`` train prompts per task; global = mean over tasks."""
+    samples = sample_prompts(data_dir, "train", tasks, n, seed + 1, enc)
+    bi, costs = {}, {}
+    for t, items in samples.items():
+        ids = [x[1] for x in items]
+        bi[t] = B.block_influence(fm, ids)
+        c = []
+        for p in ids:
+            c.append(single_skip_costs(scorer, scorer.prepare(p, n_new, eos)))
+            if progress:
+                progress(1)
+        costs[t] = np.mean(c, 0)
+    return {"bi_task": bi, "cost_task": costs, "bi_global": np.mean([bi[t] for t in tasks], 0),
+            "cost_global": np.mean([costs[t] for t in tasks], 0), "tasks": tasks, "prompts_per_task": n}
 
 
-def evaluate(fm: FirstModel, tok, data_dir, split: str = "val", tasks=None, limit: Optional[int] = 20,
-             thresholds: Sequence[float] = (0.3, 0.5, 0.7, 0.9), max_new_tokens: int = 48,
-             max_prompt_tokens: int = 512, calib: int = 4, seeds: Sequence[int] = (0, 1, 2),
-             baselines: Sequence[str] = B.KINDS, progress: bool = True, log=None) -> dict:
-    """Run the protocol; returns the results dict (see module doc)."""
-    log = log or (lambda s: print(s, file=sys.stderr))
-    per_task = load_split(data_dir, split, tasks, limit=limit)
+def baseline_mask(method: str, k: int, L: int, cal: dict, task: str, seed: int = 0) -> Optional[np.ndarray]:
+    """One baseline's mask at k skipped layers, or None where it is not available (per-task calibration
+    of a task the routers did not train on)."""
+    if method == "bi_global":
+        return B.bi_mask(cal["bi_global"], k)
+    if method == "bi_task":
+        return B.bi_mask(cal["bi_task"][task], k) if task in cal["bi_task"] else None
+    if method == "static_global":
+        return static_mask(importance_order(cal["cost_global"]), k, L)
+    if method == "static_task":
+        return static_mask(importance_order(cal["cost_task"][task]), k, L) if task in cal["cost_task"] else None
+    if method == "even":
+        return B.even_mask(L, k)
+    if method == "random":
+        return B.random_mask(L, k, seed)
+    raise FirstEdgeError(f"unknown baseline '{method}'")
+
+
+# ------------------------------------------------------------------ 3. score
+def prompt_configs(g: np.ndarray, fm: FirstModel, ks, thresholds, cal: dict, task: str) -> Dict[str, List[np.ndarray]]:
+    """Every configuration's mask(s) for one prompt: name -> [mask] (random: one per seed)."""
     L = fm.n_layers
-    thresholds = sorted(set(float(t) for t in thresholds) | {float(fm.threshold)})
+    out: Dict[str, List[np.ndarray]] = {}
+
+    def add(prefix, k, first):
+        out[f"{prefix}/first"] = [first]
+        for m in METHODS:
+            if k == 0:
+                out[f"{prefix}/{m}"] = [np.ones(L, dtype=bool)]
+                continue
+            seeds = SEEDS if m == "random" else (0,)
+            masks = [baseline_mask(m, k, L, cal, task, s) for s in seeds]
+            if masks[0] is not None:
+                out[f"{prefix}/{m}"] = masks
+
+    for k in ks:
+        add(f"budget/{k}", k, budget_mask(g, L - k, fm.pinned))
+    for t in thresholds:
+        m = threshold_mask(g, t, fm.pinned)
+        add(f"threshold/{t:g}", int(L - m.sum()), m)
+    return out
+
+
+def score_prompt(scorer: Scorer, ps: PromptState, configs: Dict[str, List[np.ndarray]], ref: Sequence[int],
+                 nll_prefix: str = "budget/") -> Dict[str, dict]:
+    """KL, top-1 agreement (and reference NLL for budget mode) of every configuration, each distinct mask
+    computed once; random averages its seeds."""
+    uniq: Dict[bytes, int] = {}
+    rows = []
+    for masks in configs.values():
+        for m in masks:
+            if m.tobytes() not in uniq:
+                uniq[m.tobytes()] = len(rows)
+                rows.append(m)
+    kl, ag = scorer.kl(ps, np.stack(rows))
+    nll_rows = sorted({uniq[m.tobytes()] for n, ms in configs.items() if n.startswith(nll_prefix) for m in ms})
+    nll = dict(zip(nll_rows, scorer.nll(ps, np.stack([rows[i] for i in nll_rows]), ref))) if nll_rows else {}
+    res = {}
+    for name, masks in configs.items():
+        idx = [uniq[m.tobytes()] for m in masks]
+        r = {"kl": float(np.mean(kl[idx])), "top1": float(np.mean(ag[idx])),
+             "skipped": float(np.mean([(~m).sum() for m in masks]))}
+        if all(i in nll for i in idx):
+            r["nll"] = float(np.mean([nll[i] for i in idx]))
+        res[name] = r
+    return res
+
+
+# ------------------------------------------------------------------ 4. compare
+def compare(per_prompt: Dict[str, List[dict]], prefix: str, n_boot: int, seed: int, key: str = "kl") -> dict:
+    """At one operating point (``prefix``): each method's mean, and per baseline the paired bootstrap of
+    (baseline - FiRST) with its verdict; ``best`` = the static baseline with the lowest mean."""
+    first = np.array([r[key] for r in per_prompt[f"{prefix}/first"]])
+    out = {"first": {key: float(first.mean()), "top1": float(np.mean([r["top1"] for r in per_prompt[f"{prefix}/first"]])),
+                     "skipped": float(np.mean([r["skipped"] for r in per_prompt[f"{prefix}/first"]]))},
+           "baselines": {}}
+    for m in METHODS:
+        name = f"{prefix}/{m}"
+        if name not in per_prompt:
+            continue
+        b = np.array([r[key] for r in per_prompt[name]])
+        ci = paired_bootstrap(b - first, n_boot=n_boot, seed=seed)
+        out["baselines"][m] = {key: float(b.mean()), "top1": float(np.mean([r["top1"] for r in per_prompt[name]])),
+                               "diff": ci, "verdict": verdict(ci)}
+    if out["baselines"]:
+        best = min(out["baselines"], key=lambda m: out["baselines"][m][key])
+        out["best"] = best
+        out["verdict_vs_best"] = out["baselines"][best]["verdict"]
+    return out
+
+
+# ------------------------------------------------------------------ 5. generate
+def generate_quality(fm: FirstModel, tok, items, configs_by_prompt: List[Dict[str, np.ndarray]], n_new: int,
+                     eos, max_context: int) -> Dict[str, dict]:
+    """Greedy generation per configuration: mean task metric and agreement with the base answer."""
+    be = TorchBackend(fm, max_context=max_context)
+    scores: Dict[str, list] = {}
+    agree: Dict[str, list] = {}
+    for (rec, ids), cfgs in zip(items, configs_by_prompt):
+        memo: Dict[bytes, str] = {}
+        texts = {}
+        for name, m in cfgs.items():
+            if m.tobytes() not in memo:
+                res = generate(be, ids, SamplingConfig(max_new_tokens=n_new, eos_ids=eos), mask=m)
+                memo[m.tobytes()] = tok.decode(res.reply_tokens(eos), skip_special_tokens=True).strip()
+            texts[name] = memo[m.tobytes()]
+        for name, text in texts.items():
+            scores.setdefault(name, []).append(score(text, rec.references, rec.metric))
+            agree.setdefault(name, []).append(score(text, [texts["base"]], rec.metric) if texts["base"] else float(text == ""))
+    return {n: {"quality": float(np.mean(scores[n])), "agreement": float(np.mean(agree[n])), "n": len(scores[n])}
+            for n in scores}
+
+
+# ------------------------------------------------------------------ 6. oracle
+def oracle_study(scorer: Scorer, fm: FirstModel, states: List[PromptState], cal: dict, task: str,
+                 ks=TARGET_KS) -> dict:
+    """Best static (per task) and best per-prompt greedy masks, chosen on the first half of each
+    continuation and scored on the second half, with FiRST's budget masks and the calibrated static
+    baselines on the same second halves."""
+    L = fm.n_layers
+    states = [s for s in states if s.n_scored >= 4]
+    if not states:
+        return {}
+    halves = [s.n_scored // 2 for s in states]
+
+    def second_half(s, h, masks):
+        kl, _ = scorer.kl(s, masks, per_token=True)
+        return kl[:, h:].mean(1)
+
+    def first_half_task(masks):
+        return np.mean([scorer.kl(s, masks, upto=h)[0] for s, h in zip(states, halves)], 0)
+
+    ks = [k for k in ks if k <= L - 1 - len(fm.pinned)]
+    if not ks:
+        return {}
+    kmax = max(ks)
+    task_masks = greedy_masks(first_half_task, L, kmax, fm.pinned)
+    prompt_masks = [greedy_masks(lambda m, s=s, h=h: scorer.kl(s, m, upto=h)[0], L, kmax, fm.pinned)
+                    for s, h in zip(states, halves)]
+    out = {"prompts": len(states)}
+    for k in ks:
+        if k not in task_masks:
+            continue
+        rows = {"oracle_task": [], "oracle_prompt": [], "first": []}
+        cal_rows: Dict[str, list] = {}
+        for s, h, pm in zip(states, halves, prompt_masks):
+            cand = {"oracle_task": task_masks[k], "oracle_prompt": pm[k],
+                    "first": budget_mask(s.scores, L - k, fm.pinned)}
+            for m in ("bi_global", "bi_task", "static_global", "static_task"):
+                bm = baseline_mask(m, k, L, cal, task)
+                if bm is not None:
+                    cand[m] = bm
+            v = second_half(s, h, np.stack(list(cand.values())))
+            for name, x in zip(cand, v):
+                (rows[name] if name in rows else cal_rows.setdefault(name, [])).append(float(x))
+        means = {n: float(np.mean(v)) for n, v in {**rows, **cal_rows}.items()}
+        best_static = min(means["oracle_task"], *[means[n] for n in cal_rows]) if cal_rows else means["oracle_task"]
+        gain = best_static - means["oracle_prompt"]
+        captured = (best_static - means["first"]) / gain if gain > 1e-9 else float("nan")
+        out[str(k)] = {"kl_second_half": means, "best_static": best_static, "oracle_gain": gain,
+                       "first_gain": best_static - means["first"], "captured": captured,
+                       "task_mask": mask_str(task_masks[k])}
+    return out
+
+
+# ------------------------------------------------------------------ the protocol
+def evaluate(fm: FirstModel, tok, data_dir, split: str = "val", tasks=None, prompts: int = 100,
+             budgets: Sequence[int] = (3, 6, 9, 12), thresholds: Sequence[float] = (), continuation: int = 24,
+             max_prompt_tokens: int = 256, calib: int = 8, train_tasks: Optional[List[str]] = None,
+             gen_prompts: int = 32, gen_tokens: int = 48, oracle: int = 0, seed: int = 0, n_boot: int = 2000,
+             bf16: Optional[bool] = None, progress: bool = True, log=None) -> dict:
+    log = log or (lambda s: print(s, file=sys.stderr))
+    t_all = time.time()
+    L = fm.n_layers
     end = end_of_turn_id(tok, fm.cfg)
-    enc = Encoder(tok, end, max_prompt_tokens=max_prompt_tokens, max_completion_tokens=10 ** 6)
     eos = eos_ids(tok, fm.cfg)
-    flops = layer_flops(fm)
-    be = SharedPrefillBackend(fm, max_context=max_prompt_tokens + max_new_tokens + 8)
-    bi = None
-    if "block_influence" in baselines:
-        cal = mix_tasks(load_split(data_dir, "train", list(per_task), limit=max(calib * 4, calib)), calib, seed=1)
-        t0 = time.time()
-        bi = B.block_influence(fm, [enc.prompt(r.prompt) for r in cal])
-        log(f"[evaluate] Block Influence from {len(cal)} calibration prompts ({time.time() - t0:.0f} s): "
-            f"lowest {list(np.argsort(bi)[:8])}")
-    ones = np.ones(L, dtype=bool)
-    results = {"split": split, "limit": limit, "thresholds": thresholds, "n_layers": L, "max_new_tokens": max_new_tokens,
-               "default_threshold": fm.threshold, "pinned": fm.pinned, "flops_per_token": flops.tolist(),
-               "block_influence": None if bi is None else [float(x) for x in bi], "tasks": {}}
-    samples = []
+    enc = Encoder(tok, end, max_prompt_tokens=max_prompt_tokens, max_completion_tokens=continuation)
+    for k in budgets:
+        if not 0 < k <= L - 1 - len(fm.pinned):
+            raise FirstEdgeError(f"budget {k} is out of range for {L} layers with {len(fm.pinned)} pinned")
+    thresholds = sorted(set(float(t) for t in thresholds) | {float(fm.threshold)})
+    samples = sample_prompts(data_dir, split, tasks, prompts, seed, enc)
+    task_list = list(samples)
+    cal_tasks = [t for t in (train_tasks or task_list) if t in set(task_list) | set(train_tasks or [])]
+    scorer = Scorer(fm, bf16=bf16)
     bar = None
-    total_recs = sum(len(v) for v in per_task.values())
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=2 * total_recs, desc="evaluating", unit="prompt", file=sys.stderr, dynamic_ncols=True)
-    t_all = time.time()
-    for task, recs in per_task.items():
-        prompts = [enc.prompt(r.prompt) for r in recs]
-        # pass 1: router scores of every prompt (prefill only) -> FiRST masks and skip counts
-        scores = []
-        for ids in prompts:
-            _, g, _ = be.prefill(np.asarray(ids), fm.threshold)
-            scores.append(np.asarray(g, dtype=np.float32))
-            if bar is not None:
-                bar.update(1)
-        first_masks = {tau: [fm.mask_for(g, threshold=tau) for g in scores] for tau in thresholds}
-        ks = sorted({int(round(L - np.mean([m.sum() for m in first_masks[tau]]))) for tau in thresholds} - {0})
-        ks = [k for k in ks if k <= L - 1]
-        configs = {"base": lambda i: ones}
-        for tau in thresholds:
-            configs[f"first@{tau:g}"] = (lambda t: (lambda i: first_masks[t][i]))(tau)
-        for kind in baselines:
-            for k in ks:
-                for j, m in enumerate(B.baseline_masks(kind, L, k, bi=bi, seeds=seeds)):
-                    configs[f"{kind}@{k}#{j}"] = (lambda mm: (lambda i: mm))(m)
-        scores_by = {c: [] for c in configs}
-        chrf_by = {c: [] for c in configs}
-        masks_by = {c: [] for c in configs}
-        # pass 2: generate every distinct mask once per prompt (the prefill is shared)
-        for i, (rec, ids) in enumerate(zip(recs, prompts)):
-            ref_len = max(len(tok(r, add_special_tokens=False)["input_ids"]) for r in rec.references)
-            max_new = int(min(max_new_tokens, max(8, 1.5 * ref_len + 4)))
-            sc = SamplingConfig(max_new_tokens=max_new, eos_ids=eos)
-            memo: Dict[bytes, tuple] = {}
-            for name, fn in configs.items():
-                m = np.asarray(fn(i), dtype=bool)
-                key = m.tobytes()
-                if key not in memo:
-                    res = generate(be, ids, sc, mask=m, pinned=fm.pinned, default_threshold=fm.threshold)
-                    text = tok.decode([t for t in res.tokens if t not in eos], skip_special_tokens=True).strip()
-                    memo[key] = (text, score(text, rec.references, rec.metric),
-                                 score(text, rec.references, "chrf"))
-                    samples.append({"task": task, "i": i, "config": name, "mask": mask_str(m), "prediction": text,
-                                    "score": memo[key][1]})
-                text, s, c = memo[key]
-                scores_by[name].append(s)
-                chrf_by[name].append(c)
-                masks_by[name].append(m)
-            if bar is not None:
-                bar.update(1)
-        be.forget()
-        metric = Counter(r.metric for r in recs).most_common(1)[0][0]
-
-        def point(name):
-            ms = np.array(masks_by[name])
-            skipped = L - ms.sum(1)
-            return {"quality": _mean(scores_by[name]), "chrf": _mean(chrf_by[name]),
-                    "skipped_layers": float(skipped.mean()), "skip_rate": float(skipped.mean() / L),
-                    "flops_skipped": _mean(flops_skipped(m, flops) for m in ms)}
-
-        tr = {"metric": metric, "n": len(recs), "base": point("base"), "first": [], "baselines": {}}
-        for tau in thresholds:
-            p = point(f"first@{tau:g}")
-            p["threshold"] = tau
-            p["mean_mask"] = np.array(masks_by[f"first@{tau:g}"], dtype=np.float64).mean(0).round(4).tolist()
-            p["matched_k"] = int(round(p["skipped_layers"]))
-            tr["first"].append(p)
-        for kind in baselines:
-            rows = []
-            for k in ks:
-                names = [n for n in configs if n.startswith(f"{kind}@{k}#")]
-                pts = [point(n) for n in names]
-                row = {"k": k, "quality": _mean(p["quality"] for p in pts), "chrf": _mean(p["chrf"] for p in pts),
-                       "skipped_layers": float(k), "skip_rate": k / L,
-                       "flops_skipped": _mean(p["flops_skipped"] for p in pts),
-                       "masks": [mask_str(masks_by[n][0]) for n in names]}
-                if len(pts) > 1:
-                    row["per_seed"] = [p["quality"] for p in pts]
-                rows.append(row)
-            tr["baselines"][kind] = rows
-        tr["router_scores_mean"] = np.mean(scores, 0).round(4).tolist()
-        results["tasks"][task] = tr
-        log(f"[evaluate] {task}: base {tr['base']['quality']:.3f} | " + ", ".join(
-            f"tau {p['threshold']:g}: {p['quality']:.3f} @ {p['skipped_layers']:.1f} skipped" for p in tr["first"]))
+        total = calib * len(cal_tasks) + sum(len(v) for v in samples.values())
+        bar = tqdm(total=total, desc="evaluating", unit="prompt", file=sys.stderr, dynamic_ncols=True)
+    tick = (lambda n: bar.update(n)) if bar is not None else None
+    t0 = time.time()
+    cal = calibrate_baselines(fm, scorer, data_dir, cal_tasks, enc, calib, continuation, eos, seed, progress=tick)
+    log(f"[evaluate] baselines calibrated on {calib} train prompts x {len(cal_tasks)} tasks ({time.time() - t0:.0f} s)")
+    flops = layer_flops(fm)
+    res = {"protocol": 2, "split": split, "n_layers": L, "prompts_per_task": prompts, "budgets": list(budgets),
+           "thresholds": thresholds, "continuation_tokens": continuation, "max_prompt_tokens": max_prompt_tokens,
+           "seed": seed, "bootstrap": n_boot, "pinned": fm.pinned, "default_threshold": fm.threshold,
+           "pool_start": int(getattr(fm, "pool_start", 0)), "calibration_tasks": cal_tasks,
+           "flops_per_token": flops.tolist(), "tasks": {},
+           "baseline_calibration": {"bi_global": cal["bi_global"].round(5).tolist(),
+                                    "kl_skip_one_global": cal["cost_global"].round(5).tolist()}}
+    for task, items in samples.items():
+        per_prompt: Dict[str, List[dict]] = {}
+        states, masks_first = [], {}
+        for rec, ids in items:
+            ps = scorer.prepare(ids, continuation, eos)
+            cfgs = prompt_configs(ps.scores, fm, budgets, thresholds, cal, task)
+            for name, r in score_prompt(scorer, ps, cfgs, enc.completion(rec.completion)).items():
+                per_prompt.setdefault(name, []).append(r)
+            for name, ms in cfgs.items():
+                if name.endswith("/first"):
+                    masks_first.setdefault(name, []).append(ms[0])
+            if oracle and len(states) < oracle:
+                states.append(ps)
+            else:
+                ps.kv = None
+            if tick:
+                tick(1)
+        metric = Counter(r.metric for r, _ in items).most_common(1)[0][0]
+        tr = {"metric": metric, "n": len(items), "budget": {}, "threshold": {},
+              "per_prompt": {n: [round(r["kl"], 5) for r in v] for n, v in per_prompt.items()}}
+        for k in budgets:
+            tr["budget"][str(k)] = compare(per_prompt, f"budget/{k}", n_boot, seed)
+            tr["budget"][str(k)]["nll"] = {n.split("/")[-1]: float(np.mean([r["nll"] for r in v]))
+                                           for n, v in per_prompt.items() if n.startswith(f"budget/{k}/") and "nll" in v[0]}
+            tr["budget"][str(k)]["mean_mask"] = np.mean(masks_first[f"budget/{k}/first"], 0).round(4).tolist()
+        for t in thresholds:
+            c = compare(per_prompt, f"threshold/{t:g}", n_boot, seed)
+            ms = np.array(masks_first[f"threshold/{t:g}/first"])
+            c["mean_mask"] = ms.mean(0).round(4).tolist()
+            c["skip_rate"] = float((~ms).sum(1).mean() / L)
+            c["flops_skipped"] = float(np.mean([flops[:-1][~m].sum() / flops.sum() for m in ms]))
+            c["skipped_per_prompt"] = [int((~m).sum()) for m in ms]
+            tr["threshold"][f"{t:g}"] = c
+        if oracle:
+            oks = [k for k in budgets if k in TARGET_KS] or list(budgets)  # k = 6, 9; any budget on a small model
+            tr["oracle"] = oracle_study(scorer, fm, states, cal, task, ks=oks)
+        if gen_prompts:
+            gen_items = items[:gen_prompts]
+            gcfgs = []
+            for j in range(len(gen_items)):
+                c = {"base": np.ones(L, dtype=bool)}
+                for k in TARGET_KS:
+                    if str(k) in tr["budget"]:
+                        c[f"budget/{k}/first"] = masks_first[f"budget/{k}/first"][j]
+                        best = tr["budget"][str(k)].get("best")
+                        if best and best != "random":
+                            c[f"budget/{k}/best_static"] = baseline_mask(best, k, L, cal, task)
+                for t in thresholds:
+                    c[f"threshold/{t:g}/first"] = masks_first[f"threshold/{t:g}/first"][j]
+                gcfgs.append(c)
+            tr["generation"] = generate_quality(fm, tok, gen_items, gcfgs, gen_tokens, eos,
+                                                max_prompt_tokens + gen_tokens + 8)
+        res["tasks"][task] = tr
+        b6 = tr["budget"].get("6") or next(iter(tr["budget"].values()), None)
+        if b6:
+            log(f"[evaluate] {task}: budget KL FiRST {b6['first']['kl']:.3f} vs best static "
+                f"{b6.get('best')} {b6['baselines'][b6['best']]['kl']:.3f} ({b6.get('verdict_vs_best')})")
     if bar is not None:
         bar.close()
     import resource
 
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    results["eval_s"] = round(time.time() - t_all, 1)
-    results["cpu_s"] = round(ru.ru_utime + ru.ru_stime, 1)
-    results["summary"] = summarize(results)
-    results["_samples"] = samples
-    return results
-
-
-def _best_baseline(tr: dict, k: int):
-    best = None
-    for kind, rows in tr["baselines"].items():
-        for r in rows:
-            if r["k"] == k and (best is None or r["quality"] > best[1]):
-                best = (kind, r["quality"])
-    return best
+    res["eval_s"] = round(time.time() - t_all, 1)
+    res["cpu_s"] = round(ru.ru_utime + ru.ru_stime, 1)
+    res["summary"] = summarize(res)
+    return res
 
 
 def summarize(res: dict) -> dict:
-    """Averages over tasks per threshold and the three targets of the issue."""
     tasks = res["tasks"]
-    L = res["n_layers"]
-    per_tau = []
-    for j, tau in enumerate(res["thresholds"]):
-        rel, skip, flop, wins, compared, ties = [], [], [], [], 0, 0
-        for t, tr in tasks.items():
-            p = tr["first"][j]
-            qb = tr["base"]["quality"]
-            if qb > 0:
-                rel.append(p["quality"] / qb)
-            skip.append(p["skip_rate"])
-            flop.append(p["flops_skipped"])
-            if p["matched_k"] > 0:
-                bb = _best_baseline(tr, p["matched_k"])
-                if bb is not None:
-                    compared += 1
-                    if p["quality"] > bb[1] + 1e-12:
-                        wins.append(t)
-        per_tau.append({"threshold": tau, "mean_skip_rate": _mean(skip), "mean_flops_skipped": _mean(flop),
-                        "mean_relative_quality": _mean(rel), "tasks_in_relative_mean": len(rel),
-                        "wins_vs_best_baseline": wins, "tasks_compared": compared})
-    ok1 = [p for p in per_tau if p["mean_skip_rate"] >= 0.25 and p["mean_relative_quality"] >= 0.95]
-    at95 = [p for p in per_tau if p["mean_relative_quality"] >= 0.95]
-    best95 = max(at95, key=lambda p: p["mean_skip_rate"]) if at95 else None
-    most_wins = max(per_tau, key=lambda p: (len(p["wins_vs_best_baseline"]), p["mean_skip_rate"]))
-    # adaptivity at the run's default threshold: layers where two tasks' mean masks fall on
-    # different sides of 0.5 (the majority decision differs)
-    j0 = res["thresholds"].index(float(res["default_threshold"]))
-    names = list(tasks)
-    pairs = []
-    for a in range(len(names)):
-        for b in range(a + 1, len(names)):
-            ma = np.array(tasks[names[a]]["first"][j0]["mean_mask"]) >= 0.5
-            mb = np.array(tasks[names[b]]["first"][j0]["mean_mask"]) >= 0.5
-            pairs.append({"tasks": [names[a], names[b]], "layers_differ": int((ma != mb).sum()),
-                          "fraction": float((ma != mb).mean())})
-    adaptive = [p for p in pairs if p["fraction"] > 0.2]
-    involved = sorted({t for p in adaptive for t in p["tasks"]})
-    return {
-        "per_threshold": per_tau,
-        "target_skip25_at_95": {"met": bool(ok1), "best_skip_rate_at_95": None if best95 is None else best95["mean_skip_rate"],
-                                "threshold": None if best95 is None else best95["threshold"]},
-        "target_beats_baselines": {"met": len(most_wins["wins_vs_best_baseline"]) >= min(5, len(tasks)),
-                                   "threshold": most_wins["threshold"], "wins": most_wins["wins_vs_best_baseline"],
-                                   "tasks_compared": most_wins["tasks_compared"]},
-        "target_adaptivity": {"met": len(involved) >= 2, "threshold": res["default_threshold"],
-                              "pairs_over_20pct": adaptive, "max_pair": max(pairs, key=lambda p: p["fraction"]) if pairs else None},
-        "n_layers": L,
-    }
+    n = len(tasks)
+    need = min(5, n)
+    budget = {}
+    for k in res["budgets"]:
+        v = {t: tr["budget"][str(k)].get("verdict_vs_best", "tie") for t, tr in tasks.items()}
+        budget[str(k)] = {"wins": [t for t, x in v.items() if x == "win"], "ties": [t for t, x in v.items() if x == "tie"],
+                          "losses": [t for t, x in v.items() if x == "loss"],
+                          "first_kl": float(np.mean([tr["budget"][str(k)]["first"]["kl"] for tr in tasks.values()])),
+                          "best_static_kl": float(np.mean([tr["budget"][str(k)]["baselines"][tr["budget"][str(k)]["best"]]["kl"]
+                                                           for tr in tasks.values()]))}
+    target_budget = {str(k): {"met": len(budget[str(k)]["wins"]) >= need, "wins": len(budget[str(k)]["wins"]),
+                              "of": n} for k in TARGET_KS if str(k) in budget}
+    thr = []
+    for t in res["thresholds"]:
+        row = {"threshold": t, "skip_rate": float(np.mean([tr["threshold"][f"{t:g}"]["skip_rate"] for tr in tasks.values()])),
+               "kl": float(np.mean([tr["threshold"][f"{t:g}"]["first"]["kl"] for tr in tasks.values()])),
+               "wins": [tk for tk, tr in tasks.items() if tr["threshold"][f"{t:g}"].get("verdict_vs_best") == "win"]}
+        rel = []
+        for tk, tr in tasks.items():
+            gq = tr.get("generation") or {}
+            name = f"threshold/{t:g}/first"
+            if name in gq and "base" in gq:
+                qb = gq["base"]["quality"]
+                rel.append(gq[name]["quality"] / qb if qb >= 0.05 else gq[name]["agreement"])
+        if rel:
+            row["relative_quality"] = float(np.mean(rel))
+        thr.append(row)
+    ok = [r for r in thr if r["skip_rate"] >= 0.25 and r.get("relative_quality", 0) >= 0.95]
+    oracle = {}
+    for k in TARGET_KS:
+        caps = [tr["oracle"][str(k)] for tr in tasks.values() if tr.get("oracle") and str(k) in tr["oracle"]]
+        if caps:
+            gain = float(np.mean([c["oracle_gain"] for c in caps]))
+            fg = float(np.mean([c["first_gain"] for c in caps]))
+            oracle[str(k)] = {"oracle_gain": gain, "first_gain": fg, "captured": fg / gain if gain > 1e-9 else float("nan"),
+                              "met": gain > 1e-9 and fg / gain >= 0.5}
+    return {"budget": budget, "target_budget": target_budget, "threshold": thr,
+            "target_threshold": {"met": bool(ok), "assessed": any("relative_quality" in r for r in thr),
+                                 "best": max(ok, key=lambda r: r["skip_rate"]) if ok else None},
+            "oracle": oracle}
 
 
 # ------------------------------------------------------------------ outputs
@@ -291,53 +421,56 @@ def plot(res: dict, out: Path):
     n = len(tasks)
     cols = min(3, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
-    styles = {"block_influence": ("tab:orange", "s"), "even": ("tab:green", "^"), "random": ("tab:gray", "x")}
+    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.6 * rows), squeeze=False)
+    styles = {"first": ("tab:blue", "o"), "bi_global": ("tab:orange", "s"), "bi_task": ("tab:red", "s"),
+              "static_global": ("tab:purple", "D"), "static_task": ("tab:brown", "D"), "even": ("tab:green", "^"),
+              "random": ("tab:gray", "x")}
+    ks = res["budgets"]
     for ax, t in zip(axes.flat, tasks):
         tr = res["tasks"][t]
-        pts = sorted([(0.0, tr["base"]["quality"])] + [(p["skip_rate"], p["quality"]) for p in tr["first"]])
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color="tab:blue", label="FiRST (threshold sweep)")
-        for p in tr["first"]:
-            ax.annotate(f"{p['threshold']:g}", (p["skip_rate"], p["quality"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points", color="tab:blue")
-        ax.axhline(tr["base"]["quality"], ls="--", color="k", lw=0.8, label="base (no skipping)")
-        for kind, rows_ in tr["baselines"].items():
-            if not rows_:
-                continue
-            c, mk = styles.get(kind, ("tab:red", "d"))
-            xs = [r["skip_rate"] for r in rows_]
-            ys = [r["quality"] for r in rows_]
-            if kind == "random" and all("per_seed" in r for r in rows_):
-                lo = [r["quality"] - min(r["per_seed"]) for r in rows_]
-                hi = [max(r["per_seed"]) - r["quality"] for r in rows_]
-                ax.errorbar(xs, ys, yerr=[lo, hi], fmt=mk + "--", color=c, capsize=2, lw=1, label=BASELINE_LABELS[kind])
-            else:
-                ax.plot(xs, ys, mk + "--", color=c, lw=1, label=BASELINE_LABELS.get(kind, kind))
-        allq = [p[1] for p in pts] + [r["quality"] for rows_ in tr["baselines"].values() for r in rows_]
-        if max(allq) <= 0:  # nothing scored: a readable empty axis instead of a 1e-17 offset
-            ax.set_ylim(-0.05, 1.0)
-        ax.ticklabel_format(axis="y", useOffset=False)
-        ax.set_title(f"{t} ({tr['metric']}, n={tr['n']})")
-        ax.set_xlabel("decode layers skipped (fraction)")
-        ax.set_ylabel(tr["metric"])
+        for m, (c, mk) in styles.items():
+            ys, lo, hi, xs = [], [], [], []
+            for k in ks:
+                b = tr["budget"][str(k)]
+                if m == "first":
+                    y = b["first"]["kl"]
+                    e = (0.0, 0.0)
+                elif m in b["baselines"]:
+                    y = b["baselines"][m]["kl"]
+                    d = b["baselines"][m]["diff"]  # baseline - FiRST: its interval, placed on the baseline
+                    e = (d["mean"] - d["lo"], d["hi"] - d["mean"])
+                else:
+                    continue
+                xs.append(k)
+                ys.append(y)
+                lo.append(e[0])
+                hi.append(e[1])
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt=mk + ("-" if m == "first" else "--"), color=c, capsize=2,
+                            lw=1.6 if m == "first" else 0.9, label=LABELS[m])
+        ax.set_title(f"{t} (n={tr['n']})")
+        ax.set_xlabel("layers skipped (budget mode)")
+        ax.set_ylabel("KL(base || config), nats/token")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(out / "quality_vs_skip.png", dpi=110)
+    fig.savefig(out / "kl_vs_k.png", dpi=110)
     plt.close(fig)
 
-    j0 = res["thresholds"].index(float(res["default_threshold"]))
-    M = np.array([res["tasks"][t]["first"][j0]["mean_mask"] for t in tasks])
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * res["n_layers"] + 2), 0.45 * n + 1.6))
+    k = str(9 if 9 in ks else ks[len(ks) // 2])
+    t0 = f"{res['default_threshold']:g}"
+    M = np.array([res["tasks"][t]["budget"][k]["mean_mask"] for t in tasks] +
+                 [res["tasks"][t]["threshold"][t0]["mean_mask"] for t in tasks])
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * res["n_layers"] + 2), 0.4 * len(M) + 1.6))
     im = ax.imshow(M, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_yticks(range(n))
-    ax.set_yticklabels(tasks)
+    ax.set_yticks(range(len(M)))
+    ax.set_yticklabels([f"{t} (budget k={k})" for t in tasks] + [f"{t} (threshold {t0})" for t in tasks], fontsize=7)
     ax.set_xticks(range(res["n_layers"]))
     ax.set_xticklabels(range(res["n_layers"]), fontsize=7)
     ax.set_xlabel("layer")
-    ax.set_title(f"mean FiRST mask per task (1 = kept), threshold {res['default_threshold']:g}")
+    ax.set_title("mean FiRST mask per task (1 = kept)")
     fig.colorbar(im, ax=ax, fraction=0.025)
     fig.tight_layout()
     fig.savefig(out / "mask_heatmap.png", dpi=110)
@@ -345,68 +478,86 @@ def plot(res: dict, out: Path):
 
 
 def report_md(res: dict, meta: dict) -> str:
-    L = res["n_layers"]
     s = res["summary"]
-    lines = [f"# FiRST evaluation: {meta.get('run')}", "",
-             f"Split `{res['split']}`, up to {res['limit']} records per task, greedy decoding (max "
-             f"{res['max_new_tokens']} new tokens, capped at 1.5x the longest reference + 4), {L} layers. "
-             f"Quality = each record's own metric (f1/exact: SQuAD normalisation; rougeL: rouge-score; chrf: sacrebleu), "
-             f"in [0, 1]. Skip = decode layers skipped, averaged over prompts; FLOPs = share of per-token matmul "
-             f"FLOPs skipped (LM head in the denominator). Baselines skip the rounded FiRST count on that task.",
-             f"Command: `{meta.get('command')}`; {res['eval_s']:.0f} s wall, {res.get('cpu_s', 0):.0f} s CPU.", "",
-             "## Summary over tasks", "",
-             "| threshold | mean skip | mean FLOPs skipped | mean quality / base | wins vs best baseline |",
-             "|---|---|---|---|---|"]
-    for p in s["per_threshold"]:
-        lines.append(f"| {p['threshold']:g} | {p['mean_skip_rate']:.1%} | {p['mean_flops_skipped']:.1%} | "
-                     f"{p['mean_relative_quality']:.3f} ({p['tasks_in_relative_mean']} tasks) | "
-                     f"{len(p['wins_vs_best_baseline'])}/{p['tasks_compared']} {', '.join(p['wins_vs_best_baseline'])} |")
-    t1, t2, t3 = s["target_skip25_at_95"], s["target_beats_baselines"], s["target_adaptivity"]
-    mp = t3["max_pair"]
-    lines += ["", "## Targets", "",
-              f"- >=25% of decode layers skipped at >=95% of base quality: **{'met' if t1['met'] else 'not met'}**"
-              + (f" (best skip at >=95%: {t1['best_skip_rate_at_95']:.1%} at threshold {t1['threshold']:g})"
-                 if t1["best_skip_rate_at_95"] is not None else " (no threshold keeps 95%)"),
-              f"- FiRST above the best input-agnostic baseline at equal skip on >=5 of 6 tasks: "
-              f"**{'met' if t2['met'] else 'not met'}** (best: {len(t2['wins'])}/{t2['tasks_compared']} at threshold "
-              f"{t2['threshold']:g}: {', '.join(t2['wins']) or '-'})",
-              f"- input adaptivity (two tasks whose mean masks fall on different sides of 0.5 in >20% of layers, "
-              f"threshold {t3['threshold']:g}): **{'met' if t3['met'] else 'not met'}**"
-              + (f" (largest: {mp['tasks'][0]} vs {mp['tasks'][1]}, {mp['layers_differ']}/{L} layers)" if mp else ""),
-              "", "## Per task", ""]
+    L = res["n_layers"]
+    lines = [f"# FiRST evaluation (protocol v2): {meta.get('run')}", "",
+             f"Split `{res['split']}`, {res['prompts_per_task']} prompts per task (seeded {res['seed']}, spread over each "
+             f"file), prompts capped at {res['max_prompt_tokens']} tokens; primary measure: KL(base || configuration) "
+             f"per token, teacher-forced on the base model's own greedy continuation ({res['continuation_tokens']} "
+             f"tokens). A win needs the paired-bootstrap 95% interval ({res['bootstrap']} resamples) of "
+             f"(baseline KL - FiRST KL) to lie above 0. {L} layers; pinned {res['pinned']}; router pooling from "
+             f"token {res['pool_start']}.",
+             f"Command: `{meta.get('command')}`; {res['eval_s']:.0f} s wall, {res['cpu_s']:.0f} s CPU.", "",
+             "## Targets", ""]
+    for k, t in s["target_budget"].items():
+        b = s["budget"][k]
+        lines.append(f"- budget mode, k = {k}: FiRST below the best static baseline on {t['wins']} of {t['of']} tasks "
+                     f"(needed {min(5, t['of'])}): **{'met' if t['met'] else 'not met'}** (wins: {', '.join(b['wins']) or '-'}; "
+                     f"ties: {', '.join(b['ties']) or '-'}; losses: {', '.join(b['losses']) or '-'}); mean KL FiRST "
+                     f"{b['first_kl']:.3f} vs best static {b['best_static_kl']:.3f}")
+    tt = s["target_threshold"]
+    if tt["assessed"]:
+        lines.append(f"- threshold mode, >= 25% skipped at >= 95% of base quality: **{'met' if tt['met'] else 'not met'}**")
+    else:
+        lines.append("- threshold mode quality target: not assessed (no generation: --gen-prompts 0)")
+    for k, o in s["oracle"].items():
+        lines.append(f"- oracle, k = {k}: per-prompt oracle gain over the best static mask {o['oracle_gain']:.3f} nats, "
+                     f"FiRST's {o['first_gain']:.3f} ({o['captured']:.0%} captured): **{'met' if o['met'] else 'not met'}**")
+    if not s["oracle"]:
+        lines.append("- oracle: not run (--oracle 0)")
+    lines += ["", "## Budget mode (same k on every prompt): mean KL per task", ""]
+    head = ["task", "k", "FiRST"] + [LABELS[m] for m in METHODS] + ["verdict vs best"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t, tr in res["tasks"].items():
-        lines += [f"### {t} ({tr['metric']}, n={tr['n']})", "",
-                  "| config | skipped layers | FLOPs skipped | quality | chrF |", "|---|---|---|---|---|",
-                  f"| base | 0 | 0% | {tr['base']['quality']:.3f} | {tr['base']['chrf']:.3f} |"]
-        for p in tr["first"]:
-            lines.append(f"| FiRST tau={p['threshold']:g} | {p['skipped_layers']:.2f} | {p['flops_skipped']:.1%} | "
-                         f"{p['quality']:.3f} | {p['chrf']:.3f} |")
-        for kind, rows in tr["baselines"].items():
-            for r in rows:
-                lines.append(f"| {BASELINE_LABELS.get(kind, kind)} k={r['k']} | {r['k']} | {r['flops_skipped']:.1%} | "
-                             f"{r['quality']:.3f} | {r['chrf']:.3f} |")
-        lines.append("")
-    lines += ["## Plots", "", "![quality vs skip](quality_vs_skip.png)", "", "![mean mask](mask_heatmap.png)", ""]
+        for k in res["budgets"]:
+            b = tr["budget"][str(k)]
+            cells = [t, str(k), f"{b['first']['kl']:.3f}"]
+            for m in METHODS:
+                x = b["baselines"].get(m)
+                cells.append("-" if x is None else f"{x['kl']:.3f} [{x['diff']['lo']:+.3f}, {x['diff']['hi']:+.3f}]")
+            cells.append(f"{b.get('verdict_vs_best')} ({b.get('best')})")
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Brackets: 95% interval of (baseline - FiRST); above 0 = FiRST better.", "",
+              "## Threshold mode (baselines skip FiRST's count on each prompt)", "",
+              "| threshold | mean skip | mean KL FiRST | tasks won | relative quality (generation) |", "|---|---|---|---|---|"]
+    for r in s["threshold"]:
+        rq = f"{r['relative_quality']:.3f}" if "relative_quality" in r else "-"
+        lines.append(f"| {r['threshold']:g} | {r['skip_rate']:.1%} | {r['kl']:.3f} | {len(r['wins'])} "
+                     f"({', '.join(r['wins']) or '-'}) | {rq} |")
+    gen = {t: tr["generation"] for t, tr in res["tasks"].items() if tr.get("generation")}
+    if gen:
+        lines += ["", "## Generation (secondary): task metric / agreement with the base answer", ""]
+        names = list(next(iter(gen.values())))
+        lines += ["| task | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+        for t, g in gen.items():
+            lines.append(f"| {t} | " + " | ".join(f"{g[n]['quality']:.3f} / {g[n]['agreement']:.2f}" for n in names) + " |")
+    orc = {t: tr["oracle"] for t, tr in res["tasks"].items() if tr.get("oracle")}
+    if orc:
+        lines += ["", "## Oracle study (second-half KL)", "", "| task | k | best static | per-prompt oracle | FiRST | captured |",
+                  "|---|---|---|---|---|---|"]
+        for t, o in orc.items():
+            for k in TARGET_KS:
+                if str(k) in o:
+                    x = o[str(k)]
+                    lines.append(f"| {t} | {k} | {x['best_static']:.3f} | {x['kl_second_half']['oracle_prompt']:.3f} | "
+                                 f"{x['kl_second_half']['first']:.3f} | {x['captured']:.0%} |")
+    lines += ["", "## Plots", "", "![KL vs k](kl_vs_k.png)", "", "![mean mask](mask_heatmap.png)", ""]
     return "\n".join(lines)
 
 
 def write_outputs(res: dict, out: Path, meta: dict):
     out.mkdir(parents=True, exist_ok=True)
-    samples = res.pop("_samples", [])
     res["meta"] = meta
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    with open(out / "samples.jsonl", "w") as f:
-        for s in samples:
-            f.write(json.dumps(s, ensure_ascii=False) + "\n")
     plot(res, out)
     (out / "report.md").write_text(report_md(res, meta))
 
 
-def _floats(s: str) -> List[float]:
+def _list(s: str, typ, what: str):
     try:
-        return [float(x) for x in s.split(",") if x.strip()]
+        return [typ(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise FirstEdgeError(f"--thresholds must be comma-separated numbers, got '{s}'") from None
+        raise FirstEdgeError(f"--{what} must be comma-separated numbers, got '{s}'") from None
 
 
 @cli_main
@@ -417,12 +568,19 @@ def main(argv=None):
     ap.add_argument("--split", default="val", choices=["train", "val"])
     ap.add_argument("--tasks", default="all")
     ap.add_argument("--model", help="base model folder (default: the run's, else the embedded default)")
-    ap.add_argument("--limit", type=int, default=20, help="records per task (0 = all)")
-    ap.add_argument("--thresholds", default="0.3,0.5,0.7,0.9")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--max-prompt-tokens", type=int, default=512)
-    ap.add_argument("--calib", type=int, default=4, help="calibration prompts per task for Block Influence")
-    ap.add_argument("--baselines", default=",".join(B.KINDS), help="comma-separated, or 'none'")
+    ap.add_argument("--prompts", type=int, default=100, help="prompts per task for the KL measures")
+    ap.add_argument("--budgets", default="3,6,9,12", help="skipped layers for budget mode")
+    ap.add_argument("--thresholds", default=None,
+                    help="thresholds for threshold mode (default: the run's calibrated points and its default)")
+    ap.add_argument("--continuation", type=int, default=24, help="tokens of the base continuation scored")
+    ap.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the run's training cap")
+    ap.add_argument("--calib", type=int, default=8, help="train prompts per task calibrating the baselines")
+    ap.add_argument("--gen-prompts", type=int, default=32, help="prompts per task for generation (0: none)")
+    ap.add_argument("--gen-tokens", type=int, default=48)
+    ap.add_argument("--oracle", type=int, default=0, help="prompts per task for the oracle study (0: none)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bootstrap", type=int, default=2000)
+    ap.add_argument("--fp32", action="store_true", help="fp32 even where bf16 is fast")
     ap.add_argument("--out", help="output folder (default <run>/eval_<split>)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
@@ -436,27 +594,42 @@ def main(argv=None):
         rcfg = json.loads((run / "routers.json").read_text())
     except ValueError as e:
         raise FirstEdgeError(f"{run / 'routers.json'} is not valid JSON: {e}") from None
+    for name in ("prompts", "continuation", "calib", "bootstrap"):
+        if getattr(args, name) < 1:
+            raise FirstEdgeError(f"--{name} must be at least 1")
+    for name in ("gen_prompts", "oracle"):
+        if getattr(args, name) < 0:
+            raise FirstEdgeError(f"--{name.replace('_', '-')} must be >= 0")
     model = args.model or rcfg.get("model_dir")
-    kinds = [] if args.baselines == "none" else [k.strip() for k in args.baselines.split(",") if k.strip()]
-    for k in kinds:
-        if k not in B.KINDS:
-            raise FirstEdgeError(f"unknown baseline '{k}' (known: {', '.join(B.KINDS)})")
-    if args.limit is not None and args.limit < 0:
-        raise FirstEdgeError("--limit must be >= 0")
+    tcfg = (rcfg.get("train") or {}).get("config") or {}
+    cap = args.max_prompt_tokens or int(tcfg.get("max_prompt_tokens", 256))
+    budgets = _list(args.budgets, int, "budgets")
     fm, tok = build_first_model(model, str(run))
-    res = evaluate(fm, tok, args.data, args.split, args.tasks, limit=args.limit or None,
-                   thresholds=_floats(args.thresholds), max_new_tokens=args.max_new_tokens,
-                   max_prompt_tokens=args.max_prompt_tokens, calib=args.calib, baselines=kinds,
+    if args.thresholds is None:
+        thresholds = [p["threshold"] for p in (rcfg.get("calibration") or {}).get("points", [])]
+    else:
+        thresholds = _list(args.thresholds, float, "thresholds")
+    for t in thresholds:
+        if not np.isfinite(t):
+            raise FirstEdgeError(f"threshold {t} is not a finite number")
+    train_tasks = (rcfg.get("train") or {}).get("tasks")
+    res = evaluate(fm, tok, args.data, args.split, args.tasks, prompts=args.prompts, budgets=budgets,
+                   thresholds=thresholds, continuation=args.continuation, max_prompt_tokens=cap, calib=args.calib,
+                   train_tasks=train_tasks, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
+                   oracle=args.oracle, seed=args.seed, n_boot=args.bootstrap, bf16=False if args.fp32 else None,
                    progress=not args.no_progress)
     out = Path(args.out) if args.out else run / f"eval_{args.split}"
-    meta = {"run": str(run), "model": model or "default", "lora": bool(rcfg.get("lora")),
+    meta = {"run": str(run), "model": model or "default", "recipe": rcfg.get("recipe", "e2e"),
             "command": "python -m export.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)}
     write_outputs(res, out, meta)
     s = res["summary"]
-    print(f"[evaluate] wrote {out}/report.md, results.json, quality_vs_skip.png, mask_heatmap.png", file=sys.stderr)
-    for p in s["per_threshold"]:
-        print(f"threshold {p['threshold']:g}: skip {p['mean_skip_rate']:.1%}, quality/base "
-              f"{p['mean_relative_quality']:.3f}, wins {len(p['wins_vs_best_baseline'])}/{p['tasks_compared']}")
+    print(f"[evaluate] wrote {out}/report.md, results.json, kl_vs_k.png, mask_heatmap.png", file=sys.stderr)
+    for k, b in s["budget"].items():
+        print(f"budget k={k}: mean KL FiRST {b['first_kl']:.3f} vs best static {b['best_static_kl']:.3f}; "
+              f"wins {len(b['wins'])}, ties {len(b['ties'])}, losses {len(b['losses'])} of {len(res['tasks'])}")
+    for r in s["threshold"]:
+        rq = f", relative quality {r['relative_quality']:.3f}" if "relative_quality" in r else ""
+        print(f"threshold {r['threshold']:g}: skip {r['skip_rate']:.1%}, KL {r['kl']:.3f}{rq}")
 
 
 if __name__ == "__main__":

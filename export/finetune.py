@@ -228,7 +228,7 @@ class PromptCache:
 def router_scores_cached(fm: FirstModel, states: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
     """g [B, L]: prompt-mean router score of every layer from the cached hidden states (fp32)."""
     D = fm.hidden_size
-    pm = pmask.float()
+    pm = fm.pool_weights(pmask).float()  # DESIGN.md section 1: the shared chat prefix is not pooled
     denom = pm.sum(1).clamp_min(1.0)
     gs = []
     for l in range(fm.n_layers):
@@ -404,6 +404,7 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
     for p in fm.hf.parameters():
         p.requires_grad_(False)
     encoder = Encoder(tok, end_of_turn_id(tok, fm.cfg), cfg.max_prompt_tokens, cfg.max_completion_tokens)
+    fm.pool_start = len(encoder.pre_ids)
     recs = mix_tasks(load_split(data_dir, "train", tasks), cfg.per_task or None, seed=cfg.seed)
     encoded = [e for e in (encoder(r) for r in recs) if len(e.completion_ids) >= 2]
     if not encoded:

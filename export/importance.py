@@ -64,8 +64,9 @@ class Scorer:
     routers stay fp32 and read the hidden states in fp32, as the exported graphs do.
     """
 
-    def __init__(self, fm: FirstModel, bf16: Optional[bool] = None, chunk: int = 16):
+    def __init__(self, fm: FirstModel, bf16: Optional[bool] = None, chunk: int = 32):
         self.fm = fm
+        self._bufs, self._bufs_key = None, None
         if bf16 is None:
             bf16 = bf16_is_fast()
         self.L = fm.n_layers
@@ -95,34 +96,51 @@ class Scorer:
         w = self.work
         x = torch.tensor([list(ids)], dtype=torch.int64)
         T = x.shape[1]
+        shape = (1, w.n_kv_heads, T + n_new, w.head_dim)
+        bufs = [(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)) for _ in range(self.L)]
         cos, sin = self._rope(torch.arange(T, dtype=torch.int64).unsqueeze(0))
         pool = w.pool_weights(torch.ones(1, T, dtype=torch.bool))[0]
         h = w.embed(x)
-        kv, scores, hidden = [], [], []
+        scores, hidden = [], []
         for l in range(self.L):
             hf = h[0, pool].float()
             scores.append(float(w.router_probs(l, hf).mean()))
             if keep_hidden:
                 hidden.append(hf.to(torch.bfloat16).clone())
-            h, k, v = w.layer(l, h, cos, sin)
-            kv.append((k, v))
+            h, _, _ = w.layer(l, h, cos, sin, cache=(bufs[l][0], bufs[l][1], 0))
         tok = int(w.head(h[:, -1:])[0, -1].float().argmax())
         cont = [tok]
         eos = set(int(e) for e in eos_ids)
-        past = [list(p) for p in kv]
         pos = T
         while len(cont) < n_new and tok not in eos:
             h = w.embed(torch.tensor([[tok]], dtype=torch.int64))
             c, s = self._rope(torch.tensor([[pos]], dtype=torch.int64))
             for l in range(self.L):
-                h, k, v = w.layer(l, h, c, s, past_k=past[l][0], past_v=past[l][1])
-                past[l][0] = torch.cat([past[l][0], k], 2)
-                past[l][1] = torch.cat([past[l][1], v], 2)
+                h, _, _ = w.layer(l, h, c, s, cache=(bufs[l][0], bufs[l][1], pos))
             tok = int(w.head(h)[0, -1].float().argmax())
             cont.append(tok)
             pos += 1
+        kv = [(k[:, :, :T], v[:, :, :T]) for k, v in bufs]
         return PromptState(ids=list(ids), kv=kv, scores=np.array(scores, dtype=np.float32), cont=cont,
                            hidden=hidden if keep_hidden else None)
+
+    def _batch_cache(self, ps: PromptState, rows: int, length: int):
+        """Per layer (k, v) buffers [rows, n_kv, Tp + length, hd] holding the prompt's K/V in every row,
+        kept between calls for the same prompt (decoded positions are written in place after Tp)."""
+        Tp = len(ps.ids)
+        key = (id(ps), rows, Tp + length)
+        if self._bufs_key != key:
+            self._bufs = None  # free the old buffers first
+            w = self.work
+            shape = (rows, w.n_kv_heads, Tp + length, w.head_dim)
+            self._bufs = []
+            for k, v in ps.kv:
+                kb, vb = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+                kb[:, :, :Tp] = k
+                vb[:, :, :Tp] = v
+                self._bufs.append((kb, vb))
+            self._bufs_key = key
+        return self._bufs
 
     # ---- teacher-forced forward of many masks
     @torch.inference_mode()
@@ -136,29 +154,32 @@ class Scorer:
         if T == 0:
             return torch.zeros(M, 0, w.vocab_size)
         Tp = len(ps.ids)
+        rows = min(self.chunk, M)
+        bufs = self._batch_cache(ps, rows, max(T, len(ps.cont)))
         cos, sin = self._rope((Tp + torch.arange(T, dtype=torch.int64)).unsqueeze(0))
         emb = w.embed(torch.tensor([toks], dtype=torch.int64))
         out = []
-        for a in range(0, M, self.chunk):
-            g = torch.from_numpy(masks[a:a + self.chunk])
+        for a in range(0, M, rows):
+            g = torch.from_numpy(masks[a:a + rows])
             m = g.shape[0]
             h = emb.expand(m, T, -1)
             gates = g.to(h.dtype).view(m, self.L, 1, 1)
             for l in range(self.L):
                 if not bool(g[:, l].any()):
                     continue
-                k, v = ps.kv[l]
-                o, _, _ = w.layer(l, h, cos, sin, past_k=k.expand(m, -1, -1, -1), past_v=v.expand(m, -1, -1, -1))
+                kb, vb = bufs[l]
+                o, _, _ = w.layer(l, h, cos, sin, cache=(kb[:m], vb[:m], Tp))
                 h = o if bool(g[:, l].all()) else h + gates[:, l] * (o - h)
             out.append(torch.log_softmax(w.head(h).float(), -1))
         return torch.cat(out, 0)
 
-    def kl(self, ps: PromptState, masks: np.ndarray, per_token: bool = False):
+    def kl(self, ps: PromptState, masks: np.ndarray, per_token: bool = False, upto: Optional[int] = None):
         """KL(base || mask) per scored token [M, T] (``per_token``) or its mean [M], and top-1 agreement
-        with the base model (same shapes). The base is the all-ones mask through the same path."""
+        with the base model (same shapes). The base is the all-ones mask through the same path.
+        ``upto``: score only the first ``upto`` positions (causal: the rest is not computed)."""
         masks = np.asarray(masks, dtype=bool).reshape(-1, self.L)
         ones = np.ones((1, self.L), dtype=bool)
-        lp = self.logprobs(ps, np.concatenate([ones, masks], 0))
+        lp = self.logprobs(ps, np.concatenate([ones, masks], 0), tokens=ps.cont[:-1][:upto])
         base, rest = lp[:1], lp[1:]
         kl = (base.exp() * (base - rest)).sum(-1).clamp_min(0.0)
         agree = (rest.argmax(-1) == base.argmax(-1)).float()

@@ -8,12 +8,10 @@ import torch
 
 from export import baselines as B
 from export import evaluate as ev
-from export.generate import TorchBackend
 from export.metrics import normalize_answer, score
 from export.model import build_first_model
 from helpers import randomize_routers
 from runtime.errors import FirstEdgeError
-from runtime.loop import SamplingConfig, generate
 
 
 # ---------------------------------------------------------------- metrics
@@ -72,27 +70,57 @@ def test_block_influence_scores(tiny_dir):
     assert bi.shape == (fm.n_layers,) and np.all(bi >= 0) and np.all(bi <= 2) and bi.std() > 0
 
 
-def test_shared_prefill_backend_equals_fresh_generator(tiny_dir):
-    fm, _ = build_first_model(str(tiny_dir), verbose=False)
-    randomize_routers(fm, seed=1)
-    ids = [5, 9, 13, 20, 40, 41, 7]
-    shared = ev.SharedPrefillBackend(fm, 64)
-    masks = [np.ones(fm.n_layers, bool), B.even_mask(fm.n_layers, 2), B.random_mask(fm.n_layers, 3, 0)]
-    sc = SamplingConfig(max_new_tokens=8, ignore_eos=True)
-    for m in masks + masks[::-1]:
-        a = generate(shared, ids, sc, mask=m)
-        b = generate(TorchBackend(fm, 64), ids, sc, mask=m)
-        assert a.tokens == b.tokens
-    for thr in (0.3, 0.7):
-        a = generate(shared, ids, sc, threshold=thr)
-        b = generate(TorchBackend(fm, 64), ids, sc, threshold=thr)
-        assert a.tokens == b.tokens and np.array_equal(a.mask, b.mask)
-    assert shared.prefills == 1
-    other = [5, 6, 7]
-    for p in (other, ids, other):  # remembered prompts get their K/V back, not recomputed
-        a = generate(shared, p, sc, mask=masks[1])
-        assert a.tokens == generate(TorchBackend(fm, 64), p, sc, mask=masks[1]).tokens
-    assert shared.prefills == 2
+# ---------------------------------------------------------------- protocol v2 pieces
+def test_spread_sample_is_seeded_and_spread_over_the_file():
+    from export.importance import spread_sample
+
+    items = list(range(1000))
+    a = spread_sample(items, 10, seed=0)
+    assert a == spread_sample(items, 10, seed=0) and a != spread_sample(items, 10, seed=1)
+    assert [x // 100 for x in a] == list(range(10))  # one per stratum: not the head of the file
+    assert spread_sample(items[:7], 10, seed=0) == items[:7]
+
+
+def test_paired_bootstrap_gives_the_known_interval():
+    from export.importance import paired_bootstrap, verdict
+
+    c = paired_bootstrap([0.3] * 50)
+    assert c["lo"] == pytest.approx(0.3) and c["hi"] == pytest.approx(0.3) and verdict(c) == "win"
+    # +-1 in equal numbers: mean 0, standard error 1/sqrt(n) = 0.05, interval about +-1.96 * 0.05
+    d = paired_bootstrap([1.0, -1.0] * 200, n_boot=4000, seed=3)
+    assert d["mean"] == pytest.approx(0.0) and d["lo"] == pytest.approx(-0.098, abs=0.012)
+    assert d["hi"] == pytest.approx(0.098, abs=0.012) and verdict(d) == "tie"
+    assert verdict(paired_bootstrap([-1.0, -0.9, -1.1] * 10)) == "loss"
+
+
+def _fake_cal(L, tasks=("t",)):
+    rng = np.random.default_rng(0)
+    bi, cost = {t: rng.random(L) for t in tasks}, {t: rng.random(L) for t in tasks}
+    return {"bi_task": bi, "cost_task": cost, "bi_global": rng.random(L), "cost_global": rng.random(L)}
+
+
+def test_budget_mode_skips_exactly_k_and_threshold_baselines_match_first():
+    from helpers import tiny_first
+
+    fm = randomize_routers(tiny_first("llama"), seed=2)
+    fm.set_pinned([0])
+    L = fm.n_layers
+    cal = _fake_cal(L)
+    for seed in range(4):
+        g = np.random.default_rng(seed).random(L).astype(np.float32)
+        cfgs = ev.prompt_configs(g, fm, [1, 2, 4], [0.3, 0.6], cal, "t")
+        for k in (1, 2, 4):
+            for m in ev.METHODS + ("first",):
+                ms = cfgs[f"budget/{k}/{m}"]
+                assert len(ms) == (3 if m == "random" else 1)
+                assert all(int((~x).sum()) == k for x in ms), (k, m)
+            assert cfgs[f"budget/{k}/first"][0][0]  # pinned layer kept
+        for t in (0.3, 0.6):
+            c = int((~cfgs[f"threshold/{t:g}/first"][0]).sum())
+            assert all(int((~x).sum()) == c for m in ev.METHODS for x in cfgs[f"threshold/{t:g}/{m}"])
+    # a task the routers were not trained on gets only the globally calibrated baselines
+    other = ev.prompt_configs(g, fm, [2], [], cal, "unseen")
+    assert "budget/2/bi_task" not in other and "budget/2/static_task" not in other and "budget/2/bi_global" in other
 
 
 # ---------------------------------------------------------------- the protocol end to end
@@ -123,28 +151,38 @@ def _data(tmp_path, data_dir) -> Path:
 def test_evaluate_cli_writes_report_results_and_plots(tmp_path, tiny_dir, data_dir):
     run, data = _tiny_run(tmp_path, tiny_dir), _data(tmp_path, data_dir)
     out = tmp_path / "eval"
-    ev.main(["--run", str(run), "--data", str(data), "--split", "val", "--limit", "2", "--thresholds", "0.3,0.6",
-             "--max-new-tokens", "6", "--out", str(out), "--no-progress", "--calib", "2"])
-    for f in ("report.md", "results.json", "samples.jsonl", "quality_vs_skip.png", "mask_heatmap.png"):
+    ev.main(["--run", str(run), "--data", str(data), "--split", "val", "--prompts", "3", "--budgets", "1,2",
+             "--thresholds", "0.3,0.6", "--continuation", "6", "--calib", "2", "--gen-prompts", "2",
+             "--gen-tokens", "5", "--oracle", "2", "--bootstrap", "200", "--out", str(out), "--no-progress"])
+    for f in ("report.md", "results.json", "kl_vs_k.png", "mask_heatmap.png"):
         assert (out / f).exists() and (out / f).stat().st_size > 0, f
     res = json.loads((out / "results.json").read_text())
-    assert set(res["tasks"]) == {"arithmetic", "define", "unseen"}
+    assert res["protocol"] == 2 and set(res["tasks"]) == {"arithmetic", "define", "unseen"}
     assert res["thresholds"] == [0.3, 0.5, 0.6]  # the run's default threshold is always included
-    L = res["n_layers"]
     for t, tr in res["tasks"].items():
-        assert tr["n"] == 2 and 0 <= tr["base"]["quality"] <= 1 and tr["base"]["skipped_layers"] == 0
-        ks = {p["matched_k"] for p in tr["first"]} - {0}
-        for kind in B.KINDS:
-            assert {r["k"] for r in tr["baselines"][kind]} == ks
-            for r in tr["baselines"][kind]:
-                assert all(m.count("0") == r["k"] for m in r["masks"]) and len(r["masks"]) == (3 if kind == "random" else 1)
-        for p in tr["first"]:
-            assert len(p["mean_mask"]) == L and abs(L - sum(p["mean_mask"]) - p["skipped_layers"]) < 1e-3
+        assert tr["n"] == 3
+        for k in ("1", "2"):
+            b = tr["budget"][k]
+            assert b["first"]["kl"] >= 0 and b["best"] in b["baselines"]
+            assert set(b["baselines"]) >= {"bi_global", "static_global", "even", "random"}
+            for x in b["baselines"].values():
+                assert x["diff"]["lo"] <= x["diff"]["mean"] <= x["diff"]["hi"] and x["verdict"] in ("win", "tie", "loss")
+            assert "first" in b["nll"]
+        assert len(tr["per_prompt"]["budget/1/first"]) == 3
+        g = tr["generation"]
+        assert g["base"]["agreement"] == 1.0 and g["base"]["n"] == 2 and "budget/6/first" not in g
+    # calibrated per task only for tasks the routers were trained on (all, for a run without a record)
+    assert "bi_task" in res["tasks"]["unseen"]["budget"]["1"]["baselines"]
     assert res["tasks"]["unseen"]["metric"] == "chrf"
-    assert any(p["matched_k"] > 0 for tr in res["tasks"].values() for p in tr["first"]), "routers should skip"
-    s = res["summary"]
-    assert {"target_skip25_at_95", "target_beats_baselines", "target_adaptivity"} <= set(s)
-    assert "## Targets" in (out / "report.md").read_text()
+    assert res["summary"]["target_budget"] == {}  # k = 6, 9 were not asked for
+    o = res["tasks"]["arithmetic"]["oracle"]
+    assert o["prompts"] == 2 and set(o) >= {"1", "2"}
+    for k in ("1", "2"):
+        assert o[k]["task_mask"].count("0") == int(k)
+        # the per-prompt oracle is chosen on the first half, so it need not win the second; it exists
+        assert set(o[k]["kl_second_half"]) >= {"oracle_task", "oracle_prompt", "first", "bi_global"}
+    text = (out / "report.md").read_text()
+    assert "## Targets" in text and "## Budget mode" in text
 
 
 def test_evaluate_cli_errors(tmp_path, tiny_dir, capsys):
@@ -153,5 +191,8 @@ def test_evaluate_cli_errors(tmp_path, tiny_dir, capsys):
     assert e.value.code == 2 and "not a finetuned run" in capsys.readouterr().err
     run = _tiny_run(tmp_path, tiny_dir)
     with pytest.raises(SystemExit) as e:
-        ev.main(["--run", str(run), "--data", str(tmp_path), "--baselines", "shortgpt"])
-    assert e.value.code == 2 and "unknown baseline 'shortgpt'" in capsys.readouterr().err
+        ev.main(["--run", str(run), "--data", str(tmp_path), "--budgets", "3,x"])
+    assert e.value.code == 2 and "--budgets must be comma-separated numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--run", str(run), "--data", str(tmp_path), "--prompts", "0"])
+    assert e.value.code == 2 and "--prompts must be at least 1" in capsys.readouterr().err
