@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -53,12 +54,18 @@ def write_common(fm, tok, out: Path, run: Optional[str]) -> dict:
         why = (f"run folder {run} has no report.md (run python -m export.evaluate --run {run})" if run
                else "untrained routers (no --run): every layer is kept at the default threshold")
         (out / "report.md").write_text(f"# {fm.name}: FiRST-Edge bundle\n\nNo evaluation report: {why}.\n")
+    calibration = None
+    if run and (Path(run) / "routers.json").exists():
+        try:  # the run's threshold calibration (rank recipe): mean layers skipped and KL per threshold on val
+            calibration = json.loads((Path(run) / "routers.json").read_text()).get("calibration")
+        except ValueError:
+            calibration = None
     return {
         "tokens": {"bos_id": tok.bos_token_id, "eos_ids": eos_ids(tok, fm.cfg)},
         "chat": {"template": getattr(tok, "chat_template", None) or "", "prefix": pre, "suffix": post},
         "routing": {"default_threshold": fm.threshold, "pinned": list(fm.pinned), "mask_dtype": "bool",
                     "pool_start": fm._pool_start(),  # applied inside the prefill graph (DESIGN.md Changes 5)
-                    "router_source": str(run) if run else "untrained"},
+                    "router_source": str(run) if run else "untrained", "calibration": calibration},
     }
 
 

@@ -149,10 +149,8 @@ def measure(fm: FirstModel, encoded, tasks: List[str], cfg, eos, progress: bool 
         if bar is not None:
             bar.update(1)
     costs = np.array(costs)
-    prior = costs.mean(0)
-    pinned = [l for l in range(L) if float(np.mean(costs[:, l] > cfg.pin_nats)) >= 0.9]
+    prior, pinned, order = prior_from_costs(costs, cfg.pin_nats)
     k = label_k(cfg, L, len(pinned))
-    order = importance_order(prior, pinned)
     S = static_mask(order, k, L)
     log(f"[finetune] importance prior from {len(calib_idx)} prompts ({time.time() - t0:.0f} s); pinned {pinned}; "
         f"static mask skips {sorted(int(x) for x in np.flatnonzero(~S))}")
@@ -168,9 +166,19 @@ def measure(fm: FirstModel, encoded, tasks: List[str], cfg, eos, progress: bool 
             bar.update(1)
     if bar is not None:
         bar.close()
-    return {"prior": prior, "costs": costs, "pinned": pinned, "order": order, "static": S, "label_k": k,
+    return {"prior": prior, "costs": costs, "calib_tasks": [encoded[i].record.task for i in calib_idx],
+            "pinned": pinned, "order": order, "static": S, "label_k": k,
             "u": np.array(us, dtype=np.float32), "k0": np.array(k0s, dtype=np.float32), "states": kept_states,
             "measure_s": time.time() - t0, "tasks": [e.record.task for e in encoded]}
+
+
+def prior_from_costs(costs: np.ndarray, pin_nats: float):
+    """Importance prior (mean single-skip KL), pinned layers (costing more than ``pin_nats`` on at
+    least 90% of the prompts) and the importance order, from costs [prompts, L]."""
+    costs = np.asarray(costs, dtype=np.float64)
+    prior = costs.mean(0)
+    pinned = [l for l in range(costs.shape[1]) if float(np.mean(costs[:, l] > pin_nats)) >= 0.9]
+    return prior, pinned, importance_order(prior, pinned)
 
 
 def label_k(cfg, L: int, n_pinned: int) -> int:
@@ -190,7 +198,9 @@ def rank_loss(z: torch.Tensor, u: torch.Tensor, free: torch.Tensor, cap: float, 
     return per.mean()
 
 
-def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: bool = True, log_path=None) -> dict:
+def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: bool = True, log_path=None,
+        subset: Optional[np.ndarray] = None) -> dict:
+    """Ranking fit on the labels (all prompts, or the indices in ``subset``)."""
     params = list(fm.routers.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -198,7 +208,10 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
     free = torch.ones(fm.n_layers, dtype=torch.bool)
     free[list(pinned)] = False
     rng = np.random.default_rng(cfg.seed)
-    n = len(labels)
+    pool = np.arange(len(labels)) if subset is None else np.asarray(subset)
+    n = len(pool)
+    if n == 0:
+        raise FirstEdgeError("no labelled prompts to fit the routers on")
     bar = None
     if progress:
         from tqdm import tqdm
@@ -210,7 +223,7 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
     for step in range(1, steps + 1):
         if pos + cfg.batch_size > n:
             order, pos = rng.permutation(n), 0
-        idx = order[pos:pos + cfg.batch_size]
+        idx = pool[order[pos:pos + cfg.batch_size]]
         pos += cfg.batch_size
         b = labels.batch(idx)
         g = pooled_scores(fm, b["hidden"], b["pmask"]).clamp(1e-6, 1 - 1e-6)
@@ -342,7 +355,8 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
         m = measure(fm, encoded, tasks, cfg, eos, progress=progress, log=log)
         meta = {"prior": m["prior"].tolist(), "pinned": m["pinned"], "order": [int(x) for x in m["order"]],
                 "label_k": m["label_k"], "static": [bool(x) for x in m["static"]], "measure_s": round(m["measure_s"], 1),
-                "calib_prompts": int(len(m["costs"])), "costs": np.round(m["costs"], 4).tolist()}
+                "calib_prompts": int(len(m["costs"])), "costs": np.round(m["costs"], 4).tolist(),
+                "calib_tasks": m["calib_tasks"], "pin_nats": cfg.pin_nats}
         labels.write(key, meta, m["states"], m["u"], m["k0"], m["tasks"])
         labels.open()
         meta = labels.meta

@@ -298,13 +298,19 @@ def test_rank_loss_prefers_the_measured_order():
     assert right < wrong and torch.isclose(right, pinned_only)
 
 
-def test_rank_recipe_measures_fits_and_calibrates(tmp_path, tiny_dir, data_dir):
-    data = slice_data(data_dir, tmp_path / "data", n=6)
+@pytest.fixture(scope="module")
+def rank_run(tmp_path_factory, tiny_dir, data_dir):
+    root = tmp_path_factory.mktemp("rank")
+    data = slice_data(data_dir, root / "data", n=6)
     cfg = ft.TrainConfig(**ft.PRESETS["tiny"])
-    assert cfg.recipe == "rank"
     cfg.rank_steps, cfg.label_k, cfg.pin_nats = 8, 2, 50.0
-    run = tmp_path / "run"
-    summary = ft.train(str(tiny_dir), str(data), str(run), cfg, progress=False, verbose=False)
+    summary = ft.train(str(tiny_dir), str(data), str(root / "run"), cfg, progress=False, verbose=False)
+    return dict(root=root, data=data, run=root / "run", cfg=cfg, summary=summary)
+
+
+def test_rank_recipe_measures_fits_and_calibrates(rank_run, tiny_dir):
+    run, data, cfg, summary = rank_run["run"], rank_run["data"], rank_run["cfg"], rank_run["summary"]
+    assert ft.TrainConfig(**ft.PRESETS["tiny"]).recipe == "rank"
     rj = json.loads((run / "routers.json").read_text())
     assert rj["recipe"] == "rank" and summary["examples"] == 8
     imp = rj["importance"]
@@ -318,9 +324,47 @@ def test_rank_recipe_measures_fits_and_calibrates(tmp_path, tiny_dir, data_dir):
     fm, _ = build_first_model(str(tiny_dir), str(run), verbose=False)
     moved = max(float(r.fc2.weight.abs().max()) for r in fm.routers)
     assert moved > 0  # learnt per-prompt deviations from the prior
-    # the labels are reused on --resume (no second measurement)
-    t = (run / "labels" / "meta.json").stat().st_mtime
-    ft.train(str(tiny_dir), str(data), str(run), cfg, progress=False, verbose=False, resume=True)
-    assert (run / "labels" / "meta.json").stat().st_mtime == t
+    with pytest.raises(FirstEdgeError, match="already holds a trained run"):
+        ft.train(str(tiny_dir), str(data), str(run), cfg, progress=False, verbose=False)
     with pytest.raises(FirstEdgeError, match="--lora needs the end-to-end recipe"):
-        ft.train(str(tiny_dir), str(data), str(tmp_path / "r2"), cfg, lora=True, progress=False, verbose=False)
+        ft.train(str(tiny_dir), str(data), str(run.parent / "r2"), cfg, lora=True, progress=False, verbose=False)
+
+
+def test_rank_resume_reuses_the_measured_labels(rank_run, tiny_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(rank_run["run"], run)
+    t = (run / "labels" / "meta.json").stat().st_mtime
+    before = (run / "routers.safetensors").read_bytes()
+    ft.train(str(tiny_dir), str(rank_run["data"]), str(run), rank_run["cfg"], progress=False, verbose=False, resume=True)
+    assert (run / "labels" / "meta.json").stat().st_mtime == t  # not measured again
+    assert (run / "routers.safetensors").read_bytes() == before  # the same seeded fit
+
+
+def test_bundle_manifest_carries_the_threshold_calibration(rank_run, tiny_dir, tmp_path):
+    from export.build import build
+
+    out = build("rpi", tmp_path / "b", model=str(tiny_dir), run=str(rank_run["run"]), max_context=128, verbose=False)
+    man = json.loads((out / "manifest.json").read_text())
+    rj = json.loads((rank_run["run"] / "routers.json").read_text())
+    assert man["routing"]["calibration"] == rj["calibration"]
+    assert man["routing"]["default_threshold"] == pytest.approx(rj["threshold"])
+
+
+def test_leave_one_task_out_fits_without_the_held_out_task(rank_run, capsys):
+    from export import loto
+
+    out = rank_run["root"] / "loto"
+    loto.main(["--run", str(rank_run["run"]), "--data", str(rank_run["data"]), "--prompts", "2", "--budgets", "1,2",
+               "--continuation", "5", "--calib", "2", "--out", str(out), "--no-progress"])
+    res = json.loads((out / "loto.json").read_text())
+    assert set(res["tasks"]) == {"arithmetic", "translate"}
+    for x, tr in res["tasks"].items():
+        assert tr["trained_on"] == [t for t in ("arithmetic", "translate") if t != x]
+        assert tr["fit_prompts"] == 4  # the other task's labelled prompts only
+        for k in ("1", "2"):
+            r = tr["budget"][k]
+            assert r["verdict"] in ("win", "tie", "loss")
+            assert "bi_task" not in r["baselines"] and "static_task" not in r["baselines"]  # no held-out calibration
+    assert "held-out" in (out / "loto.md").read_text()
