@@ -47,11 +47,12 @@ def write_common(fm, tok, out: Path, run: Optional[str]) -> dict:
         raise FirstEdgeError("the model's tokenizer has no tokenizers (fast) backend; a tokenizer.json is needed")
     backend_tok.save(str(out / "tokenizer.json"))
     pre, post = chat_parts(tok)
-    report = Path(run) / "report.md" if run else None
-    if report is not None and report.exists():
+    report = next((p for p in (Path(run) / "report.md", Path(run) / "eval_val" / "report.md") if p.exists()),
+                  None) if run else None
+    if report is not None:
         shutil.copy(report, out / "report.md")
     else:
-        why = (f"run folder {run} has no report.md (run python -m export.evaluate --run {run})" if run
+        why = (f"run folder {run} has no eval_val/report.md (run python -m export.evaluate --run {run})" if run
                else "untrained routers (no --run): every layer is kept at the default threshold")
         (out / "report.md").write_text(f"# {fm.name}: FiRST-Edge bundle\n\nNo evaluation report: {why}.\n")
     calibration = None

@@ -68,7 +68,7 @@ def main(argv=None):
     ap.add_argument("--eval", action="store_true",
                     help="also evaluate the routers on a slice of the val split (slow on CPU; the report goes "
                          "into the bundles)")
-    ap.add_argument("--eval-limit", type=int, default=10, help="val records per task for --eval")
+    ap.add_argument("--eval-prompts", type=int, default=16, help="val prompts per task for --eval (KL measures)")
     ap.add_argument("--targets", default="rpi,android")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -82,10 +82,11 @@ def main(argv=None):
              ["export.finetune", "--data", args.data, "--out", str(run), "--preset", args.preset, *model])
     else:
         print(f"\n== routers: reusing {run} (--retrain to finetune again)")
-    if args.eval and not (run / "report.md").exists():
+    if args.eval and not (run / "eval_val" / "report.md").exists():
         step("evaluate on a slice of the val split",
              ["export.evaluate", "--run", str(run), "--data", args.data, "--split", "val",
-              "--limit", str(args.eval_limit), "--no-progress", *model])
+              "--prompts", str(args.eval_prompts), "--budgets", "6,9", "--gen-prompts", "0", "--calib", "4",
+              "--no-progress", *model])
     names = {"rpi": "ONNX Runtime (Raspberry Pi bundle)", "android": "ExecuTorch (Android bundle)"}
     rows = []
     for target in [t for t in args.targets.split(",") if t]:

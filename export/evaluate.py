@@ -56,6 +56,9 @@ from .metrics import score
 from .model import FirstModel, build_first_model
 
 METHODS = ("bi_global", "bi_task", "static_global", "static_task", "even", "random")
+# the baselines the targets name (issue: Block Influence global and per task, the static importance mask,
+# evenly spaced, random); static_task (a static importance mask per task) is reported as an extra
+TARGET_METHODS = ("bi_global", "bi_task", "static_global", "even", "random")
 LABELS = {"first": "FiRST", "bi_global": "Block Influence (global)", "bi_task": "Block Influence (per task)",
           "static_global": "static importance (global)", "static_task": "static importance (per task)",
           "even": "evenly spaced", "random": "random (3 seeds)"}
@@ -166,7 +169,7 @@ def score_prompt(scorer: Scorer, ps: PromptState, configs: Dict[str, List[np.nda
 # ------------------------------------------------------------------ 4. compare
 def compare(per_prompt: Dict[str, List[dict]], prefix: str, n_boot: int, seed: int, key: str = "kl") -> dict:
     """At one operating point (``prefix``): each method's mean, and per baseline the paired bootstrap of
-    (baseline - FiRST) with its verdict; ``best`` = the static baseline with the lowest mean."""
+    (baseline - FiRST) with its verdict; ``best`` = the baseline of ``TARGET_METHODS`` with the lowest mean."""
     first = np.array([r[key] for r in per_prompt[f"{prefix}/first"]])
     out = {"first": {key: float(first.mean()), "top1": float(np.mean([r["top1"] for r in per_prompt[f"{prefix}/first"]])),
                      "skipped": float(np.mean([r["skipped"] for r in per_prompt[f"{prefix}/first"]]))},
@@ -179,8 +182,9 @@ def compare(per_prompt: Dict[str, List[dict]], prefix: str, n_boot: int, seed: i
         ci = paired_bootstrap(b - first, n_boot=n_boot, seed=seed)
         out["baselines"][m] = {key: float(b.mean()), "top1": float(np.mean([r["top1"] for r in per_prompt[name]])),
                                "diff": ci, "verdict": verdict(ci)}
-    if out["baselines"]:
-        best = min(out["baselines"], key=lambda m: out["baselines"][m][key])
+    named = [m for m in TARGET_METHODS if m in out["baselines"]]
+    if named:
+        best = min(named, key=lambda m: out["baselines"][m][key])
         out["best"] = best
         out["verdict_vs_best"] = out["baselines"][best]["verdict"]
     return out
@@ -506,7 +510,7 @@ def report_md(res: dict, meta: dict) -> str:
     if not s["oracle"]:
         lines.append("- oracle: not run (--oracle 0)")
     lines += ["", "## Budget mode (same k on every prompt): mean KL per task", ""]
-    head = ["task", "k", "FiRST"] + [LABELS[m] for m in METHODS] + ["verdict vs best"]
+    head = ["task", "k", "FiRST"] + [LABELS[m] for m in METHODS] + ["verdict vs best named baseline"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t, tr in res["tasks"].items():
         for k in res["budgets"]:

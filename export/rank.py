@@ -232,7 +232,7 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        last = {"step": step, "phase": "rank", "loss": float(loss)}
+        last = {"step": step, "phase": "rank", "loss": float(loss.detach())}
         if log_path is not None:
             with open(log_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
