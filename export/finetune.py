@@ -73,10 +73,12 @@ class TrainConfig:
     pin_nats: float = 1.0            # pin a layer when skipping it alone costs more on >= 90% of those
     label_k: int = 0                 # skipped layers of the static mask the labels toggle around (0: from target_keep)
     rank_steps: int = 150
-    rank_lr: float = 3e-3
+    rank_lr: float = 1e-3
     weight_decay: float = 0.05
     rank_cap: float = 1.0            # label differences above this (nats) weigh the same
     rank_temperature: float = 0.25
+    holdout: float = 0.2             # labelled prompts held out to choose the step (0 = keep the last)
+    eval_every: int = 10
     val_calib_per_task: int = 4      # val prompts per task for the threshold calibration
 
     @property
@@ -92,9 +94,9 @@ PRESETS: Dict[str, dict] = {
     "quick": dict(per_task=16, max_prompt_tokens=192, max_completion_tokens=16, batch_size=8,
                   soft_steps=25, hard_steps=45, lora_steps=20, rank_steps=150,
                   calib_per_task=3, val_calib_per_task=3),
-    "full": dict(per_task=64, max_prompt_tokens=256, max_completion_tokens=24, batch_size=16,
-                 soft_steps=100, hard_steps=200, lora_steps=60, lr=3e-3, rank_steps=400,
-                 calib_per_task=8, val_calib_per_task=8),
+    "full": dict(per_task=48, max_prompt_tokens=256, max_completion_tokens=24, batch_size=16,
+                 soft_steps=100, hard_steps=200, lora_steps=60, lr=3e-3, rank_steps=300,
+                 calib_per_task=6, val_calib_per_task=6),
     # for tests
     "tiny": dict(per_task=4, max_prompt_tokens=64, max_completion_tokens=8, batch_size=4,
                  soft_steps=3, hard_steps=3, lora_steps=2, save_every=2, kd_topk=8, rank_steps=6,

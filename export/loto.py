@@ -53,7 +53,8 @@ def loto(run: Path, data_dir, prompts: int, budgets, continuation: int, calib: i
         fm.set_pinned(pinned)
         init_from_importance(fm, order)
         subset = np.flatnonzero(np.array(labels.tasks) != x)
-        fit(fm, labels, cfg, pinned, cfg.rank_steps, progress=False, subset=subset)
+        static = np.array(meta["static"], dtype=bool)  # the labels' reference mask (the run's)
+        fit(fm, labels, cfg, pinned, cfg.rank_steps, progress=False, subset=subset, static=static)
         res = evaluate(fm, tok, data_dir, "val", [x], prompts=prompts, budgets=budgets, thresholds=[],
                        continuation=continuation, max_prompt_tokens=cfg.max_prompt_tokens, calib=calib,
                        train_tasks=others, gen_prompts=0, seed=seed, progress=progress, log=lambda s: None)

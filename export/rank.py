@@ -198,9 +198,25 @@ def rank_loss(z: torch.Tensor, u: torch.Tensor, free: torch.Tensor, cap: float, 
     return per.mean()
 
 
+def predicted_delta(g: np.ndarray, u: np.ndarray, static: np.ndarray, pinned) -> np.ndarray:
+    """First-order KL change, per prompt, of the budget mask the scores ``g`` [N, L] choose at the
+    static mask's budget, relative to the static mask, from the toggle labels ``u`` [N, L]: each
+    kept layer it drops costs ``u``, each skipped layer it adds back gains ``u``. 0 = the static mask."""
+    static = np.asarray(static, dtype=bool)
+    keep = int(static.sum())
+    out = np.empty(len(g))
+    for i in range(len(g)):
+        m = budget_mask(g[i], keep, pinned)
+        out[i] = u[i][static & ~m].sum() - u[i][~static & m].sum()
+    return out
+
+
 def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: bool = True, log_path=None,
-        subset: Optional[np.ndarray] = None) -> dict:
-    """Ranking fit on the labels (all prompts, or the indices in ``subset``)."""
+        subset: Optional[np.ndarray] = None, static: Optional[np.ndarray] = None) -> dict:
+    """Ranking fit on the labels (all prompts, or the indices in ``subset``). With ``static`` (the mask
+    the labels toggle around), ``cfg.holdout`` of the prompts are held out and the routers of the step
+    (0 = the importance prior) with the lowest held-out ``predicted_delta`` are kept: training moves
+    away from the prior only where that helps on prompts it did not fit."""
     params = list(fm.routers.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -209,9 +225,22 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
     free[list(pinned)] = False
     rng = np.random.default_rng(cfg.seed)
     pool = np.arange(len(labels)) if subset is None else np.asarray(subset)
+    held = np.array([], dtype=np.int64)
+    if static is not None and cfg.holdout > 0 and len(pool) >= 10:
+        perm = rng.permutation(pool)
+        nh = max(2, int(round(cfg.holdout * len(pool))))
+        held, pool = np.sort(perm[:nh]), np.sort(perm[nh:])
     n = len(pool)
     if n == 0:
         raise FirstEdgeError("no labelled prompts to fit the routers on")
+    hb = labels.batch(held) if len(held) else None
+
+    def held_score() -> float:
+        with torch.no_grad():
+            g = pooled_scores(fm, hb["hidden"], hb["pmask"]).numpy()
+        return float(predicted_delta(g, hb["u"].numpy(), static, pinned).mean())
+
+    best = (held_score(), 0, {k: v.detach().clone() for k, v in fm.routers.state_dict().items()}) if hb else None
     bar = None
     if progress:
         from tqdm import tqdm
@@ -233,6 +262,11 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
         loss.backward()
         opt.step()
         last = {"step": step, "phase": "rank", "loss": float(loss.detach())}
+        if hb is not None and (step % cfg.eval_every == 0 or step == steps):
+            h = held_score()
+            last["held_out_delta_kl"] = h
+            if h < best[0]:
+                best = (h, step, {k: v.detach().clone() for k, v in fm.routers.state_dict().items()})
         if log_path is not None:
             with open(log_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
@@ -241,6 +275,9 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
             bar.update(1)
     if bar is not None:
         bar.close()
+    if best is not None:
+        fm.routers.load_state_dict(best[2])
+        last = dict(last, kept_step=best[1], held_out_delta_kl=best[0], held_out_prompts=int(len(held)))
     for p in params:
         p.requires_grad_(False)
     return last
@@ -368,7 +405,8 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
     if log_path.exists():
         log_path.unlink()
     t_fit = time.time()
-    last = fit(fm, labels, cfg, meta["pinned"], cfg.rank_steps, progress=progress, log_path=log_path)
+    last = fit(fm, labels, cfg, meta["pinned"], cfg.rank_steps, progress=progress, log_path=log_path,
+               static=np.array(meta["static"], dtype=bool))
     fit_s = time.time() - t_fit
     # -- calibrate thresholds on a spread sample of the val split
     t_cal = time.time()

@@ -368,3 +368,14 @@ def test_leave_one_task_out_fits_without_the_held_out_task(rank_run, capsys):
             assert r["verdict"] in ("win", "tie", "loss")
             assert "bi_task" not in r["baselines"] and "static_task" not in r["baselines"]  # no held-out calibration
     assert "held-out" in (out / "loto.md").read_text()
+
+
+def test_predicted_delta_counts_dropped_and_added_layers():
+    from export.rank import predicted_delta
+
+    static = np.array([True, True, False, True, False])
+    u = np.array([[9.0, 0.5, 0.25, 0.75, 0.125]])
+    same = np.array([[0.9, 0.8, 0.1, 0.7, 0.2]])  # keeps the static mask's layers
+    swap = np.array([[0.9, 0.1, 0.8, 0.7, 0.2]])  # drops layer 1 (costs 0.5), adds layer 2 (gains 0.25)
+    assert predicted_delta(same, u, static, [0])[0] == 0.0
+    assert predicted_delta(swap, u, static, [0])[0] == pytest.approx(0.5 - 0.25)
