@@ -557,7 +557,17 @@ def write_outputs(res: dict, out: Path, meta: dict):
     (out / "report.md").write_text(report_md(res, meta))
 
 
-def _list(s: str, typ, what: str):
+def read_run(run: Path) -> dict:
+    """routers.json of a finetuned run folder, or a one-line error."""
+    if not (run / "routers.json").exists():
+        raise FirstEdgeError(f"{run} is not a finetuned run (no routers.json)")
+    try:
+        return json.loads((run / "routers.json").read_text())
+    except ValueError as e:
+        raise FirstEdgeError(f"{run / 'routers.json'} is not valid JSON: {e}") from None
+
+
+def parse_list(s: str, typ, what: str):
     try:
         return [typ(x) for x in s.split(",") if x.strip()]
     except ValueError:
@@ -592,12 +602,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.run)
-    if not (run / "routers.json").exists():
-        raise FirstEdgeError(f"{run} is not a finetuned run (no routers.json)")
-    try:
-        rcfg = json.loads((run / "routers.json").read_text())
-    except ValueError as e:
-        raise FirstEdgeError(f"{run / 'routers.json'} is not valid JSON: {e}") from None
+    rcfg = read_run(run)
     for name in ("prompts", "continuation", "calib", "bootstrap"):
         if getattr(args, name) < 1:
             raise FirstEdgeError(f"--{name} must be at least 1")
@@ -607,12 +612,12 @@ def main(argv=None):
     model = args.model or rcfg.get("model_dir")
     tcfg = (rcfg.get("train") or {}).get("config") or {}
     cap = args.max_prompt_tokens or int(tcfg.get("max_prompt_tokens", 256))
-    budgets = _list(args.budgets, int, "budgets")
+    budgets = parse_list(args.budgets, int, "budgets")
     fm, tok = build_first_model(model, str(run))
     if args.thresholds is None:
         thresholds = [p["threshold"] for p in (rcfg.get("calibration") or {}).get("points", [])]
     else:
-        thresholds = _list(args.thresholds, float, "thresholds")
+        thresholds = parse_list(args.thresholds, float, "thresholds")
     for t in thresholds:
         if not np.isfinite(t):
             raise FirstEdgeError(f"threshold {t} is not a finite number")

@@ -373,6 +373,23 @@ def config_key(cfg: TrainConfig, fm: FirstModel, data_dir: str, tasks: List[str]
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def open_run(out: Path, resume: bool, resume_file: Path, what: str, model, seed: int, fm=None, tok=None,
+             verbose: bool = True):
+    """Check the run folder (a finished run is not overwritten; --resume needs ``resume_file``), create it,
+    seed torch, and load the frozen base model (unless given). Returns (fm, tok)."""
+    if (out / "routers.json").exists() and not resume:
+        raise FirstEdgeError(f"{out} already holds a trained run; use --resume to continue it or choose another --out")
+    if resume and not resume_file.exists():
+        raise FirstEdgeError(f"nothing to resume in {out} (no {what})")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if fm is None:
+        fm, tok = build_first_model(model, None, verbose=verbose)
+    for p in fm.hf.parameters():
+        p.requires_grad_(False)
+    return fm, tok
+
+
 def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks=None, lora: bool = False,
           resume: bool = False, stop_after: Optional[int] = None, progress: bool = True, verbose: bool = True,
           fm: Optional[FirstModel] = None, tok=None) -> dict:
@@ -395,16 +412,7 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
         cfg.lora_steps = 0
     tasks = resolve_tasks(data_dir, tasks)
     ckpt_file = out / "checkpoint.pt"
-    if out.exists() and any(out.iterdir()) and not resume and (out / "routers.json").exists():
-        raise FirstEdgeError(f"{out} already holds a trained run; use --resume to continue it or choose another --out")
-    if resume and not ckpt_file.exists():
-        raise FirstEdgeError(f"nothing to resume in {out} (no checkpoint.pt)")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    if fm is None:
-        fm, tok = build_first_model(model, None, verbose=verbose)
-    for p in fm.hf.parameters():
-        p.requires_grad_(False)
+    fm, tok = open_run(out, resume, ckpt_file, "checkpoint.pt", model, cfg.seed, fm, tok, verbose)
     encoder = Encoder(tok, end_of_turn_id(tok, fm.cfg), cfg.max_prompt_tokens, cfg.max_completion_tokens)
     fm.pool_start = len(encoder.pre_ids)
     recs = mix_tasks(load_split(data_dir, "train", tasks), cfg.per_task or None, seed=cfg.seed)

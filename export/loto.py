@@ -23,7 +23,7 @@ import torch
 
 from runtime.errors import FirstEdgeError, cli_main
 
-from .evaluate import METHODS, evaluate
+from .evaluate import METHODS, evaluate, parse_list, read_run
 from .finetune import TrainConfig
 from .model import build_first_model
 from .rank import LabelSet, fit, init_from_importance, prior_from_costs
@@ -32,7 +32,7 @@ from .rank import LabelSet, fit, init_from_importance, prior_from_costs
 def loto(run: Path, data_dir, prompts: int, budgets, continuation: int, calib: int, seed: int,
          progress: bool = True, log=None) -> dict:
     log = log or (lambda s: print(s, file=sys.stderr))
-    rcfg = json.loads((run / "routers.json").read_text())
+    rcfg = read_run(run)
     if rcfg.get("recipe") != "rank":
         raise FirstEdgeError(f"{run} was not trained with the rank recipe (leave-one-task-out refits its labels)")
     if not (run / "labels" / "meta.json").exists():
@@ -104,12 +104,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.run)
-    if not (run / "routers.json").exists():
-        raise FirstEdgeError(f"{run} is not a finetuned run (no routers.json)")
-    try:
-        budgets = [int(x) for x in args.budgets.split(",") if x.strip()]
-    except ValueError:
-        raise FirstEdgeError(f"--budgets must be comma-separated integers, got '{args.budgets}'") from None
+    read_run(run)
+    budgets = parse_list(args.budgets, int, "budgets")
     res = loto(run, args.data, args.prompts, budgets, args.continuation, args.calib, args.seed,
                progress=not args.no_progress)
     out = Path(args.out) if args.out else run / "loto"

@@ -351,25 +351,16 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
     from dataclasses import asdict
 
     from .data import Encoder, end_of_turn_id, load_split, mix_tasks, resolve_tasks
+    from .finetune import open_run
     from .generate import eos_ids
-    from .model import build_first_model
 
     t_start = time.time()
     log = (lambda s: print(s, file=sys.stderr)) if verbose else (lambda s: None)
     out = Path(out)
     tasks = resolve_tasks(data_dir, tasks)
-    if (out / "routers.json").exists() and not resume:
-        raise FirstEdgeError(f"{out} already holds a trained run; use --resume to continue it or choose another --out")
     labels = LabelSet(out / "labels")
-    if resume and not (out / "labels" / "meta.json").exists():
-        raise FirstEdgeError(f"nothing to resume in {out} (no measured labels)")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     # -- prepare
-    if fm is None:
-        fm, tok = build_first_model(model, None, verbose=verbose)
-    for p in fm.hf.parameters():
-        p.requires_grad_(False)
+    fm, tok = open_run(out, resume, labels.folder / "meta.json", "measured labels", model, cfg.seed, fm, tok, verbose)
     fm.eval()
     end = end_of_turn_id(tok, fm.cfg)
     eos = eos_ids(tok, fm.cfg)
