@@ -281,8 +281,7 @@ def evaluate(fm: FirstModel, tok, data_dir, split: str = "val", tasks=None, prom
             raise FirstEdgeError(f"budget {k} is out of range for {L} layers with {len(fm.pinned)} pinned")
     thresholds = sorted(set(float(t) for t in thresholds) | {float(fm.threshold)})
     samples = sample_prompts(data_dir, split, tasks, prompts, seed, enc)
-    task_list = list(samples)
-    cal_tasks = [t for t in (train_tasks or task_list) if t in set(task_list) | set(train_tasks or [])]
+    cal_tasks = list(train_tasks or samples)  # global baselines: the tasks the routers were trained on
     scorer = Scorer(fm, bf16=bf16)
     bar = None
     if progress:
