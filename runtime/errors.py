@@ -14,6 +14,15 @@ class FirstEdgeError(Exception):
     """An error caused by the user's input, reported as a single clear line."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (its type name when the message is empty),
+    at most ``limit`` characters: what a one-line error quotes from a library's exception."""
+    for line in str(e).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(e).__name__
+
+
 def quiet_host_libraries():
     """Silence import-time chatter of host libraries (torchao's optional CUDA kernels, pytree notices)."""
     import logging
