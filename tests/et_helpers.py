@@ -1,17 +1,15 @@
 """Shared, cached artifacts of the ExecuTorch tests: tiny bundles (fp32, 8da4w) and the C++ runner build.
 
-Built once per pytest process (module-level cache), used by test_et.py and test_et_cpp.py.
+Built once per pytest process (module-level cache), used by test_et.py and test_et_cpp.py. The C++ build
+itself lives in tools/cpp_build.py (bench/bench_et.py builds the same runner); re-exported here.
 """
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
-import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from tools.cpp_build import cmake_exe, cpp_build, executorch_dir  # noqa: F401  (the C++ build, shared with bench/)
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_CONTEXT = 64
@@ -113,29 +111,6 @@ def prompts(n: int = N_PROMPTS):
 
     rng = np.random.default_rng(123)
     return [rng.integers(5, 96, size=int(rng.integers(1, 24))).astype(np.int64) for _ in range(n)]
-
-
-def executorch_dir() -> str:
-    return importlib.util.find_spec("executorch").submodule_search_locations[0]
-
-
-def cmake_exe() -> str:
-    exe = Path(sys.executable).parent / "cmake"
-    return str(exe) if exe.exists() else (shutil.which("cmake") or "cmake")
-
-
-@functools.lru_cache(maxsize=None)
-def cpp_build(asan: bool = False) -> Path:
-    """Configure + build runtime/cpp into runtime/cpp/build (kept between runs: incremental)."""
-    b = ROOT / "runtime" / "cpp" / ("build-asan" if asan else "build")
-    cm = cmake_exe()
-    args = [cm, "-S", str(ROOT / "runtime" / "cpp"), "-B", str(b), f"-DCMAKE_PREFIX_PATH={executorch_dir()}",
-            f"-DFIRST_EDGE_ASAN={'ON' if asan else 'OFF'}"]
-    subprocess.run(args, check=True, capture_output=True, text=True)
-    r = subprocess.run([cm, "--build", str(b), "-j", str(min(2, os.cpu_count() or 1))], capture_output=True, text=True)
-    if r.returncode:
-        raise RuntimeError("C++ build failed:\n" + r.stdout[-3000:] + r.stderr[-3000:])
-    return b
 
 
 @functools.lru_cache(maxsize=None)
