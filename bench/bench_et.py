@@ -23,26 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
-CACHE = Path(os.environ.get("FIRST_EDGE_CACHE", Path.home() / ".cache" / "first-edge"))
-PEERS = Path(os.environ.get("FIRST_EDGE_PEERS", CACHE / "peers"))
-USER_MSG = ("Explain in a few short paragraphs how a rainbow forms, why its colors always appear in the same "
-            "order, and why the sky is blue.")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: runtime/, export/, tools/
+
+from common import (USER_MSG, add_model_args, add_output_args, bundle_tag, ensure_bundle,  # noqa: E402
+                    finish, first_mask_args, first_mask_row, result_columns, result_table, run_child, run_peer,
+                    timed_child)
+
 PEER_VARIANTS = {"et-fp32": "fp32", "et-8da4w": "8da4w"}
 
 
 # ------------------------------------------------------------------ child: the Python runner, runtime only
 def child(args):
-    sys.path.insert(0, str(ROOT))
     from common import measure_bundle
     from runtime.bundle import Bundle
     from runtime.et_backend import EtBackend
@@ -53,48 +48,18 @@ def child(args):
 
 
 # ------------------------------------------------------------------ parent
-def timed_child(cmd, env=None):
-    load = os.getloadavg()[0]
-    p = subprocess.run(["/usr/bin/time", "-v"] + [str(c) for c in cmd], capture_output=True, text=True, env=env,
-                       cwd=str(ROOT))
-    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
-    if p.returncode != 0 or not lines:
-        err = [l for l in p.stderr.strip().splitlines() if "error" in l.lower()] or p.stderr.strip().splitlines() or [""]
-        return {"error": f"rc={p.returncode}: {err[-1][:200]}"}
-    d = json.loads(lines[-1])
-    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
-    if m:
-        d["peak_rss_mb"] = round(int(m.group(1)) / 1024, 1)
-    d["load_before"] = round(load, 2)
-    return d
-
-
-def ensure_bundle(name, model, run, quantize, max_context, rebuild):
-    out = ROOT / "dist" / "bench" / name
-    if (out / "manifest.json").exists() and not rebuild:
-        return out
-    cmd = [sys.executable, "-m", "export.build", "--target", "android", "--quantize", quantize, "--out", str(out),
-           "--max-context", str(max_context)]
-    if model:
-        cmd += ["--model", model]
-    if run:
-        cmd += ["--run", run]
-    print(f"# building {out} (ExecuTorch export + XNNPACK lowering takes minutes) ...", file=sys.stderr)
-    t = time.time()
-    subprocess.run(cmd, check=True, cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    print(f"# built in {time.time() - t:.0f}s", file=sys.stderr)
-    return out
+def et_bundle(name, model, run, quantize, max_context, rebuild):
+    return ensure_bundle(name, "android", model, run, quantize, max_context, rebuild,
+                         note=" (ExecuTorch export + XNNPACK lowering takes minutes)")
 
 
 def cpp_runner() -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from et_helpers import cpp_build  # noqa: E402  (same CMake build as the tests)
+    from tools.cpp_build import cpp_build  # the same CMake build as the tests
 
     return cpp_build() / "first_edge_run"
 
 
 def prompt_ids(bundle: Path):
-    sys.path.insert(0, str(ROOT))
     from runtime.bundle import Bundle
     from runtime.tokenizer import BundleTokenizer
 
@@ -105,7 +70,6 @@ def weights(model_dir):
     """Decode weight counts per layer and of the LM head (from the model config)."""
     from transformers import AutoConfig
 
-    sys.path.insert(0, str(ROOT))
     from export.loading import default_model_dir
 
     c = AutoConfig.from_pretrained(model_dir or str(default_model_dir(verbose=False)))
@@ -116,14 +80,8 @@ def weights(model_dir):
     return [layer] * c.num_hidden_layers, D * c.vocab_size
 
 
-def ideal_speedup(layers, head, mask: str):
-    return (sum(layers) + head) / (sum(w for w, m in zip(layers, mask) if m == "1") + head)
-
-
 def ours_py(bundle, mask_args, threads, args):
-    cmd = [sys.executable, Path(__file__).resolve(), "--child", "--bundle", bundle, "--runs", args.runs,
-           "--threads", threads, "--new-tokens", args.new_tokens] + mask_args
-    return timed_child(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    return run_child(__file__, bundle, args, threads, mask_args, env=dict(OMP_NUM_THREADS="1"))
 
 
 def ours_cpp(exe, bundle, ids, mask_args, threads, args):
@@ -137,27 +95,7 @@ def ours_cpp(exe, bundle, ids, mask_args, threads, args):
 
 
 def peer(name, threads, args):
-    variant = PEER_VARIANTS[name]
-    py = PEERS / "venv-et" / "bin" / "python"
-    if not py.exists():
-        return {"error": f"{py} missing (bash bench/peers/setup.sh et)"}
-    env = dict(os.environ, PEER_RUNS=str(args.runs), PEER_THREADS=str(threads), PEER_NEW_TOKENS=str(args.new_tokens),
-               HF_HUB_OFFLINE="1")
-    if args.model:
-        env["SMOLLM2_HF"] = args.model
-    p = subprocess.run([str(py), str(HERE / "peers" / "peer_executorch.py"), "--variant", variant],
-                       capture_output=True, text=True, env=env, cwd=str(HERE / "peers"))
-    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
-    if not lines:
-        return {"error": f"rc={p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1][:200]}"}
-    d = json.loads(lines[-1])
-    d.setdefault("load_before", d.get("load_avg_1m_before"))
-    return d
-
-
-def fmt_range(d):
-    r = [x["decode_tok_s"] for x in d.get("runs", []) if "decode_tok_s" in x]
-    return f"{min(r):.0f}–{max(r):.0f}" if r else ""
+    return run_peer("venv-et", "peer_executorch.py", PEER_VARIANTS[name], threads, args)
 
 
 def main():
@@ -165,10 +103,7 @@ def main():
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bundle", help=argparse.SUPPRESS)
     ap.add_argument("--mask", help=argparse.SUPPRESS)
-    ap.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--run", help="finetuning run folder with trained routers (FiRST mask from the routers)")
-    ap.add_argument("--keep", type=int, default=None,
-                    help="FiRST mask by layer budget K (default without --run: 20 of 30 layers)")
+    add_model_args(ap)
     ap.add_argument("--quantize", default="none,8da4w")
     ap.add_argument("--runners", default="cpp,py")
     ap.add_argument("--threads", default="1,2", help="XNNPACK thread counts to measure (C++ runner and peers)")
@@ -177,25 +112,21 @@ def main():
     ap.add_argument("--contexts", default="", help="e.g. 256,1024: per-token cost at two max_context values")
     ap.add_argument("--max-context", type=int, default=512)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--rebuild", action="store_true")
-    ap.add_argument("--json", help="also write all rows as JSON lines to this file")
+    add_output_args(ap)
     args = ap.parse_args()
     if args.child:
         args.threads = int(args.threads)
         return child(args)
 
     rows = []
-    tag = Path(args.model).name if args.model else "smollm2"
-    if args.run:
-        tag += "-" + Path(args.run).name
-    first = (["--keep", str(args.keep)] if args.keep else ([] if args.run else ["--keep", "20"]))
+    tag = bundle_tag(args.model, args.run)
+    first = first_mask_args(args.keep, args.run)
     threads = [int(t) for t in args.threads.split(",")]
     layers, head = weights(args.model)
     L = len(layers)
     exe = cpp_runner() if "cpp" in args.runners else None
-    bundles = {q: ensure_bundle(f"et-{tag}-{q}-ctx{args.max_context}", args.model, args.run, q, args.max_context,
-                                args.rebuild) for q in args.quantize.split(",") if q}
+    bundles = {q: et_bundle(f"et-{tag}-{q}-ctx{args.max_context}", args.model, args.run, q, args.max_context,
+                            args.rebuild) for q in args.quantize.split(",") if q}
     ids = prompt_ids(next(iter(bundles.values()))) if bundles else []
     ref_tokens = {}
     for q, b in bundles.items():
@@ -211,13 +142,8 @@ def main():
                 if "tokens" in base:
                     ref_tokens.setdefault(q, base["tokens"])
                 fr = go(first)
-                name = f"FiRST-Edge {q} {rname} runner, {t} thr, FiRST mask"
-                if "mask" in fr and "decode_tok_s" in base:
-                    ideal = ideal_speedup(layers, head, fr["mask"])
-                    got = fr["decode_tok_s"] / base["decode_tok_s"]
-                    fr.update(ideal=ideal, speedup=got, frac_ideal=got / ideal if ideal > 1 else float("nan"))
-                    name += f" ({fr['layers_kept']}/{L} layers)"
-                rows.append(dict(fr, name=name, q=q, t=t))
+                rows.append(dict(first_mask_row(fr, base, layers, head, f"FiRST-Edge {q} {rname} runner, {t} thr, "
+                                                "FiRST mask"), q=q, t=t))
     agreement = None
     if "none" in ref_tokens and "8da4w" in ref_tokens:
         a, b8 = ref_tokens["none"], ref_tokens["8da4w"]
@@ -225,7 +151,7 @@ def main():
     ctx = {}
     if args.contexts and exe:
         for c in (int(x) for x in args.contexts.split(",")):
-            b = ensure_bundle(f"et-{tag}-none-ctx{c}", args.model, args.run, "none", c, args.rebuild)
+            b = et_bundle(f"et-{tag}-none-ctx{c}", args.model, args.run, "none", c, args.rebuild)
             d = ours_cpp(exe, b, ids, ["--mask", "1" * L], 1, args)
             ctx[c] = d
             rows.append(dict(d, name=f"FiRST-Edge none C++ runner, 1 thr, all-ones, max_context={c}"))
@@ -238,31 +164,23 @@ def main():
     peer_speed = {(r["q"], r["t"]): r.get("decode_tok_s") for r in rows if r.get("peer")}
     print(f"\n## FiRST-Edge ExecuTorch benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {args.new_tokens} greedy tokens, "
           f"{len(ids)}-token prompt, median of {args.runs} runs after 1 warm-up)\n")
-    print("| configuration | prefill ms | decode tok/s | range | vs optimum-executorch (same precision, threads) | "
-          "FiRST speedup / ideal | decode CPU ms/token | peak RSS MB | load | text / tokens |")
-    print("|---|---:|---:|---|---:|---|---:|---:|---:|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['name']} | | | | | | | | | error: {r['error'][:120]} |")
-            continue
+
+    def vs_peer(r):
         ps = peer_speed.get((r.get("q"), r.get("t")))
-        vs = f"{r['decode_tok_s'] / ps:.2f}x" if ps and not r.get("peer") else ""
-        sp = f"{r['speedup']:.2f}x / {r['ideal']:.2f}x = {r['frac_ideal']:.2f}" if "ideal" in r else ""
-        text = str(r.get("text", "") or (str(r.get("tokens", ""))[:40]))[:40].replace("\n", "\\n").replace("|", "\\|")
-        cpu = f"{r['decode_cpu_ms_per_token']:.1f}" if r.get("decode_cpu_ms_per_token") else ""
-        print(f"| {r['name']} | {r['prefill_ms']:.0f} | **{r['decode_tok_s']:.1f}** | {fmt_range(r)} | {vs} | {sp} | "
-              f"{cpu} | {r.get('peak_rss_mb', 0):.0f} | {r.get('load_before', '')} | {text} |")
+        return f"{r['decode_tok_s'] / ps:.2f}x" if ps and not r.get("peer") else ""
+
+    def cpu(r):
+        return f"{r['decode_cpu_ms_per_token']:.1f}" if r.get("decode_cpu_ms_per_token") else ""
+
+    print(result_table(rows, result_columns("vs optimum-executorch (same precision, threads)", vs_peer,
+                                            "text / tokens", extra=[("decode CPU ms/token", True, cpu)])))
     if agreement is not None:
         print(f"\n8da4w vs fp32 greedy token agreement (all-ones, first runner): {agreement:.1%}")
     if len(ctx) == 2 and all("decode_tok_s" in d for d in ctx.values()):
         (a, da), (b, db) = sorted(ctx.items())
         print(f"\nper-token cost vs max_context: {a}: {1e3 / da['decode_tok_s']:.2f} ms/token, "
               f"{b}: {1e3 / db['decode_tok_s']:.2f} ms/token")
-    print(f"\nload average now: {os.getloadavg()[0]:.2f} (other processes on the machine make the numbers noisy)")
-    if args.json:
-        with open(args.json, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    finish(rows, args.json)
 
 
 if __name__ == "__main__":
