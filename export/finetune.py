@@ -239,32 +239,6 @@ def router_scores_cached(fm: FirstModel, states: torch.Tensor, pmask: torch.Tens
     return torch.stack(gs, 1)
 
 
-def layer_with_prompt_cache(fm: FirstModel, l: int, h, cos, sin, pk, pv, attn_mask):
-    """Decoder layer l over completion positions h [B, Tc, D] attending to the cached prompt K/V
-    (pk, pv [B, kv, Tp, hd], padded) and causally to themselves; ``attn_mask`` [B, 1, Tc, Tp + Tc].
-    The same math as ``FirstModel.layer`` with a past, plus a key-padding mask."""
-    lay = fm.layers[l]
-    att = lay.self_attn
-    B, T, _ = h.shape
-    x = lay.input_layernorm(h)
-    q = att.q_proj(x).view(B, T, fm.n_heads, fm.head_dim).transpose(1, 2)
-    k = att.k_proj(x).view(B, T, fm.n_kv_heads, fm.head_dim).transpose(1, 2)
-    v = att.v_proj(x).view(B, T, fm.n_kv_heads, fm.head_dim).transpose(1, 2)
-    c, s = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
-    from .model import rotate_half
-
-    q = q * c + rotate_half(q) * s
-    k = k * c + rotate_half(k) * s
-    kk = torch.cat([pk.to(k.dtype), k], dim=2)
-    vv = torch.cat([pv.to(k.dtype), v.to(k.dtype)], dim=2)
-    o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=attn_mask, scale=fm.scaling,
-                                       enable_gqa=fm.n_heads != fm.n_kv_heads)
-    o = o.transpose(1, 2).reshape(B, T, fm.n_heads * fm.head_dim)
-    h = h + att.o_proj(o)
-    h = h + lay.mlp(lay.post_attention_layernorm(h))
-    return h
-
-
 def make_gate_fn(phase: str, tau: float):
     def gate(g: torch.Tensor) -> torch.Tensor:
         if phase == "soft":
@@ -286,15 +260,16 @@ def cached_forward(fm: FirstModel, b: dict, gate_fn, pinned: Optional[torch.Tens
     if pinned is not None and bool(pinned.any()):
         gates = torch.where(pinned.view(1, L), torch.ones_like(gates), gates)
     pos = b["tps"].view(B, 1) + torch.arange(Tc).view(1, Tc)
-    cos, sin = fm.rope(pos)
+    h = fm.embed(b["cin"])
+    cos, sin = (x.to(h.dtype) for x in fm.rope(pos))  # the rotation in the working precision (bf16 copy)
+    # each completion position attends to its own (unpadded) prompt and causally to the completion
     allowed = torch.cat([pmask.view(B, 1, Tp).expand(B, Tc, Tp),
                          torch.ones(Tc, Tc, dtype=torch.bool).tril().view(1, Tc, Tc).expand(B, Tc, Tc)], 2)
     allowed = allowed.unsqueeze(1)
-    h = fm.embed(b["cin"])
     for l in range(L):
         pk = states[:, :, l, D:D + kvd].view(B, Tp, fm.n_kv_heads, fm.head_dim).transpose(1, 2)
         pv = states[:, :, l, D + kvd:].view(B, Tp, fm.n_kv_heads, fm.head_dim).transpose(1, 2)
-        out = layer_with_prompt_cache(fm, l, h, cos, sin, pk, pv, allowed)
+        out, _, _ = fm.layer(l, h, cos, sin, past_k=pk, past_v=pv, attn_mask=allowed)
         gl = gates[:, l].to(out.dtype).view(B, 1, 1)
         h = h + gl * (out - h)
     return fm.head(h), g, gates

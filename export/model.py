@@ -128,21 +128,27 @@ class FirstModel(nn.Module):
 
     def layer(self, l: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               past_k: Optional[torch.Tensor] = None, past_v: Optional[torch.Tensor] = None,
-              causal: bool = True, cache: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None):
+              causal: bool = True, cache: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None,
+              attn_mask: Optional[torch.Tensor] = None):
         """One decoder layer. Returns (h_out, k_new, v_new) with K/V of the new positions only.
 
         Without a past, attention is causal over the T new positions (prefill / training); with a
         past of S positions each new position attends to the whole past and, causally, to the new
         positions (T = 1 in decode). ``cache=(k_buf, v_buf, n)`` instead of a past: the new K/V are
         written in place at positions n.. of preallocated buffers and attention reads the buffers.
+
+        ``attn_mask`` [B, 1, T, S + T] bool (True: may attend) replaces those rules: training's
+        prompt cache passes a batch of right-padded pasts with their key-padding (and the causal
+        part over the new positions) in it. A past in another dtype than the new K/V is cast to it;
+        cos/sin are used in the dtype given (the caller chooses the precision of the rotation).
         """
         lay = self.layers[l]
         att = lay.self_attn
-        B, T, _ = h.shape
+        batch, T, _ = h.shape
         x = lay.input_layernorm(h)
-        q = att.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = att.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = att.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = att.q_proj(x).view(batch, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = att.k_proj(x).view(batch, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = att.v_proj(x).view(batch, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * c + rotate_half(q) * s
         k = k * c + rotate_half(k) * s
@@ -153,24 +159,30 @@ class FirstModel(nn.Module):
             past_k = kbuf[:, :, :n]  # marks "has a past" below
             kk, vv = kbuf[:, :, :n + T], vbuf[:, :, :n + T]
         elif past_k is not None:
-            kk = torch.cat([past_k, k], dim=2)
-            vv = torch.cat([past_v, v], dim=2)
+            kk = torch.cat([past_k.to(k.dtype), k], dim=2)
+            vv = torch.cat([past_v.to(v.dtype), v], dim=2)
         else:
             kk, vv = k, v
         rep = self.n_heads // self.n_kv_heads
-        if rep > 1:
-            S = kk.shape[2]
-            kk = kk[:, :, None].expand(B, self.n_kv_heads, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
-            vv = vv[:, :, None].expand(B, self.n_kv_heads, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
-        if past_k is None or past_k.shape[2] == 0:
-            o = F.scaled_dot_product_attention(q, kk, vv, is_causal=causal and T > 1, scale=self.scaling)
-        elif T == 1:
-            o = F.scaled_dot_product_attention(q, kk, vv, scale=self.scaling)
+        if attn_mask is not None:
+            # grouped-query attention inside SDPA: no expanded copy of a (long, batched) past
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=attn_mask, scale=self.scaling, enable_gqa=rep > 1)
         else:
-            S = kk.shape[2]
-            allowed = torch.ones(T, S, dtype=torch.bool, device=h.device).tril(S - T)
-            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed, scale=self.scaling)
-        o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+            if rep > 1:
+                S = kk.shape[2]
+                kk = kk[:, :, None].expand(batch, self.n_kv_heads, rep, S, self.head_dim).reshape(
+                    batch, self.n_heads, S, self.head_dim)
+                vv = vv[:, :, None].expand(batch, self.n_kv_heads, rep, S, self.head_dim).reshape(
+                    batch, self.n_heads, S, self.head_dim)
+            if past_k is None or past_k.shape[2] == 0:
+                o = F.scaled_dot_product_attention(q, kk, vv, is_causal=causal and T > 1, scale=self.scaling)
+            elif T == 1:
+                o = F.scaled_dot_product_attention(q, kk, vv, scale=self.scaling)
+            else:
+                S = kk.shape[2]
+                allowed = torch.ones(T, S, dtype=torch.bool, device=h.device).tril(S - T)
+                o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed, scale=self.scaling)
+        o = o.transpose(1, 2).reshape(batch, T, self.n_heads * self.head_dim)
         h = h + att.o_proj(o)
         h = h + lay.mlp(lay.post_attention_layernorm(h))
         return h, k, v
