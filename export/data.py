@@ -183,7 +183,7 @@ class Encoder:
 def end_of_turn_id(tokenizer, hf_config) -> int:
     """The id the generator stops on that the chat template ends a turn with (e.g. <|im_end|>)."""
     from .chat import chat_parts
-    from .generate import eos_ids
+    from .reference import eos_ids
 
     ids = eos_ids(tokenizer, hf_config)
     if not ids:

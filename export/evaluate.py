@@ -49,7 +49,7 @@ from runtime.masks import budget_mask, mask_str, threshold_mask
 
 from . import baselines as B
 from .data import Encoder, end_of_turn_id, load_split
-from .generate import TorchBackend, eos_ids
+from .reference import TorchBackend, eos_ids
 from .importance import (PromptState, Scorer, greedy_masks, importance_order, paired_bootstrap, single_skip_costs,
                          spread_sample, static_mask, verdict)
 from .metrics import score

@@ -352,7 +352,7 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
 
     from .data import Encoder, end_of_turn_id, load_split, mix_tasks, resolve_tasks
     from .finetune import open_run
-    from .generate import eos_ids
+    from .reference import eos_ids
 
     t_start = time.time()
     log = (lambda s: print(s, file=sys.stderr)) if verbose else (lambda s: None)

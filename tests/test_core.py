@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.generate import TorchBackend
+from export.reference import TorchBackend
 from export.model import FirstModel
 from helpers import VOCAB, randomize_routers, tiny_first, tiny_hf
 from runtime.errors import FirstEdgeError
@@ -45,7 +45,7 @@ def test_prefill_logits_match_transformers(arch):
 @pytest.mark.slow
 def test_all_ones_greedy_matches_transformers_default_model(default_model):
     from export.chat import encode_prompt
-    from export.generate import run_generation
+    from export.reference import run_generation
 
     fm, tok = default_model
     prompts = ["What is the capital of France?", "Write a haiku about the sea.",

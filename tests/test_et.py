@@ -72,7 +72,7 @@ def test_every_matmul_delegated_to_xnnpack(bundle):
 
 def test_python_parity_with_reference(et_backend):
     """>= 10 prompts x (all-ones, hand-set routers, random) masks: mask, scores, greedy tokens identical; logits 1e-3."""
-    from export.generate import TorchBackend
+    from export.reference import TorchBackend
 
     fm = reference()
     ref = TorchBackend(fm, max_context=MAX_CONTEXT)
@@ -250,7 +250,7 @@ def test_bad_inputs(et_backend):
 
 def test_8da4w_bundle_agreement(capsys):
     """The 8da4w build runs, skips like fp32, and its greedy tokens agree with the fp32 reference (rate reported)."""
-    from export.generate import TorchBackend
+    from export.reference import TorchBackend
     from runtime.backends import load_backend
 
     b = tiny_bundle("8da4w", layers=3, pool_start=0)  # fewer layers: torch.export of quantized layers is slow

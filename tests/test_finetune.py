@@ -11,7 +11,7 @@ from export.data import Encoder, end_of_turn_id, load_split, mix_tasks, read_jso
 from export.model import build_first_model
 from runtime.errors import FirstEdgeError
 from runtime.loop import SamplingConfig, generate
-from export.generate import TorchBackend
+from export.reference import TorchBackend
 from helpers import tiny_vocab_data
 
 

@@ -26,7 +26,7 @@ def run_cli(*args, timeout=300):
 def test_local_folder_loads_and_generates(tiny_dir):
     fm, tok = build_first_model(str(tiny_dir), verbose=False)
     assert fm.n_layers == 6 and fm.cfg.model_type == "llama"
-    from export.generate import run_generation
+    from export.reference import run_generation
 
     res = run_generation(fm, tok, "w5 w6 w7", max_new_tokens=4, ignore_eos=True)
     assert len(res.tokens) == 4 and res.layers_kept == 6

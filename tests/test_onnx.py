@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.generate import TorchBackend
+from export.reference import TorchBackend
 from helpers import VOCAB, randomize_routers, tiny_first
 from runtime.bundle import Bundle, sha256_file
 from runtime.errors import FirstEdgeError
