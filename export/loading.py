@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from runtime.errors import FirstEdgeError
+from runtime.errors import FirstEdgeError, first_line
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -153,11 +153,11 @@ def load_model(model: Optional[str] = None, verbose: bool = True) -> LoadedModel
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - reduce library failures to one line
-        raise FirstEdgeError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {_first_line(e)}") from None
+        raise FirstEdgeError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {first_line(e)}") from None
     try:
         m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     except Exception as e:  # noqa: BLE001
-        raise FirstEdgeError(f"corrupt or unreadable checkpoint in {path}: {type(e).__name__}: {_first_line(e)}") from None
+        raise FirstEdgeError(f"corrupt or unreadable checkpoint in {path}: {type(e).__name__}: {first_line(e)}") from None
     m.eval()
     for prm in m.parameters():
         prm.requires_grad_(False)
@@ -165,11 +165,6 @@ def load_model(model: Optional[str] = None, verbose: bool = True) -> LoadedModel
     if not name or str(name).startswith("/"):
         name = path.name
     return LoadedModel(model=m, tokenizer=tok, path=path, name=str(name))
-
-
-def _first_line(e: Exception) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:300] if s else ""
 
 
 def model_fingerprint(model) -> str:

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime.errors import FirstEdgeError
-from runtime.masks import make_mask
+from runtime.errors import FirstEdgeError, first_line
+from runtime.masks import make_mask, pinned_array, threshold_mask
 
 ROUTER_HIDDEN = 64
 ROUTER_INIT_BIAS = 3.0  # sigmoid(3) = 0.95: untrained routers keep every layer at threshold 0.5
@@ -89,13 +89,10 @@ class FirstModel(nn.Module):
         self.scaling = self.head_dim ** -0.5
 
     def set_pinned(self, pinned: Sequence[int]):
-        pinned = sorted(set(int(p) for p in pinned))
-        for p in pinned:
-            if not 0 <= p < self.n_layers:
-                raise FirstEdgeError(f"pinned layer {p} is out of range for a model with {self.n_layers} layers")
-        self.pinned = pinned
-        self.pinned_mask.zero_()
-        self.pinned_mask[pinned] = True
+        """Pin layers (always kept); out-of-range indices are refused by ``runtime.masks.pinned_array``."""
+        as_mask = pinned_array(self.n_layers, pinned)
+        self.pinned = [int(p) for p in np.flatnonzero(as_mask)]
+        self.pinned_mask.copy_(torch.from_numpy(as_mask))
 
     # ---- module access (works with and without a peft wrapper) ----
     @property
@@ -228,7 +225,7 @@ class FirstModel(nn.Module):
             vs.append(v)
         g = torch.stack(scores)
         thr = self.threshold if threshold is None else threshold
-        mask = (g >= thr) | self.pinned_mask
+        mask = torch.from_numpy(threshold_mask(g.detach().cpu().numpy(), thr, self.pinned))
         logits = self.head(h[:, -1:, :])[:, 0]
         return logits, g, mask, ks, vs
 
@@ -330,7 +327,7 @@ class FirstModel(nn.Module):
             sd = load_file(str(w_file))
             self.routers.load_state_dict(sd)
         except (SafetensorError, RuntimeError, OSError) as e:
-            raise FirstEdgeError(f"cannot read router weights {w_file}: {str(e).splitlines()[0][:200]}") from None
+            raise FirstEdgeError(f"cannot read router weights {w_file}: {first_line(e, 200)}") from None
         self.threshold = float(cfg.get("threshold", self.threshold))
         self.set_pinned(cfg.get("pinned", []))
         self.pool_start = P
@@ -364,7 +361,7 @@ def attach_lora(hf, lora_dir):
     try:
         pm = PeftModel.from_pretrained(hf, str(lora_dir))
     except Exception as e:  # noqa: BLE001
-        raise FirstEdgeError(f"cannot load the LoRA adapter in {lora_dir}: {str(e).splitlines()[0][:200]}") from None
+        raise FirstEdgeError(f"cannot load the LoRA adapter in {lora_dir}: {first_line(e, 200)}") from None
     # merge for inference: the same math, plain modules (exports see ordinary Linear layers)
     merged = pm.merge_and_unload()
     for prm in merged.parameters():

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import List
 
 from .bundle import Bundle
-from .errors import FirstEdgeError
+from .errors import FirstEdgeError, first_line
 
 
 class BundleTokenizer:
@@ -14,7 +14,7 @@ class BundleTokenizer:
         try:
             self.tok = Tokenizer.from_file(str(bundle.file("tokenizer.json")))
         except Exception as e:  # noqa: BLE001
-            raise FirstEdgeError(f"cannot read tokenizer.json in {bundle.path}: {str(e).splitlines()[0][:200]}") from None
+            raise FirstEdgeError(f"cannot read tokenizer.json in {bundle.path}: {first_line(e, 200)}") from None
         chat = bundle.manifest.get("chat", {})
         self.prefix = chat.get("prefix", "")
         self.suffix = chat.get("suffix", "")

@@ -102,6 +102,16 @@ def test_model_mask_threshold_budget_and_pinned():
     m = fm.mask_for(g2, keep=3)
     top = sorted(int(i) for i in torch.argsort(g2, descending=True)[:2])
     assert sorted(np.flatnonzero(m).tolist()) == sorted({low, *top})
+    # the model applies the one rule of runtime.masks (threshold and pinned check)
+    for thr in (0.3, 0.5, 0.7):
+        _, g3, mask3, _, _ = fm.prefill(ids, threshold=thr)
+        assert mask3.dtype == torch.bool
+        assert mask3.tolist() == threshold_mask(g3.detach().numpy(), thr, [low]).tolist()
+    with pytest.raises(FirstEdgeError, match="pinned layer 8 is out of range for a model with 8 layers"):
+        fm.set_pinned([1, 8])
+    assert fm.pinned == [low] and fm.pinned_mask.tolist() == [i == low for i in range(fm.n_layers)]
+    fm.set_pinned([3, 1, 3])
+    assert fm.pinned == [1, 3]
 
 
 def test_mask_validation_errors():
