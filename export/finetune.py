@@ -6,7 +6,7 @@
 Recipe (DESIGN.md section 1; docs/finetuning.md):
 - loss = ce * cross-entropy of the completion tokens
        + kd * distillation toward the base model's own next-token distribution (top-k, cached)
-       + latency: lam * relu(mean gate - target_keep)  (or lam * mean gate without a target);
+       + latency: lam * relu(mean gate - target_keep)  (or lam * mean gate with --no-target-keep);
 - phase "soft": gate[l] = g[l] (the prompt-mean router score); phase "hard": gate[l] = 1[g[l] >= tau]
   with a straight-through estimator, so training sees what inference does;
 - optional phase "lora" (--lora): peft LoRA adapters on the attention/MLP projections trained
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from runtime.errors import FirstEdgeError, cli_main
 
 from .data import Encoder, end_of_turn_id, load_split, mix_tasks, resolve_tasks
-from .model import FirstModel, build_first_model
+from .model import FirstModel, bf16_working_copy, build_first_model
 
 CACHE_FORMAT = 1
 
@@ -63,7 +63,7 @@ class TrainConfig:
     kd: float = 1.0                  # weight of the distillation term
     kd_topk: int = 32
     lam: float = 2.0                 # latency weight
-    target_keep: Optional[float] = 0.7   # fraction of layers kept the latency term aims at (None: lam * mean gate)
+    target_keep: Optional[float] = 0.7   # fraction of layers kept the latency term aims at (None, --no-target-keep: lam * mean gate)
     tau: float = 0.5                 # hard-gate threshold (= the runtime default threshold)
     bf16: bool = True                # bf16 for the frozen model where it is fast (CPUs with AMX), else fp32
     seed: int = 0
@@ -368,7 +368,7 @@ def open_run(out: Path, resume: bool, resume_file: Path, what: str, model, seed:
 def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks=None, lora: bool = False,
           resume: bool = False, stop_after: Optional[int] = None, progress: bool = True, verbose: bool = True,
           fm: Optional[FirstModel] = None, tok=None) -> dict:
-    """Train routers (and LoRA); returns the summary also written into routers.json."""
+    """Train routers (and LoRA) with ``cfg.recipe``; returns the summary also written into routers.json."""
     from .importance import bf16_is_fast
 
     cfg.bf16 = bool(cfg.bf16 and bf16_is_fast())
@@ -381,13 +381,44 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
                           verbose=verbose, fm=fm, tok=tok)
     if cfg.recipe != "e2e":
         raise FirstEdgeError(f"unknown recipe '{cfg.recipe}' (use rank or e2e)")
-    t_start = time.time()
+    return train_e2e(model, data_dir, out, cfg, tasks=tasks, lora=lora, resume=resume, stop_after=stop_after,
+                     progress=progress, verbose=verbose, fm=fm, tok=tok)
+
+
+@dataclass
+class E2ERun:
+    """What the phases of an end-to-end run share (``prepare`` fills it, the later phases add to it)."""
+    out: Path
+    cfg: TrainConfig
+    fm: FirstModel                   # fp32; its routers are the ones trained and saved
+    work: FirstModel                 # what the steps run: a bf16 copy sharing fm's routers, or fm itself
+    key: str                         # data and settings the prompt cache and the checkpoint belong to
+    tasks: List[str]
+    cache: Optional[PromptCache] = None
+    router_params: List[torch.nn.Parameter] = field(default_factory=list)
+    opt: Optional[torch.optim.Optimizer] = None
+    lora_params: List[torch.nn.Parameter] = field(default_factory=list)
+    lora_opt: Optional[torch.optim.Optimizer] = None
+    resumed: Optional[dict] = None   # the checkpoint this run continues
+
+    @property
+    def ckpt_file(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "train_log.jsonl"
+
+
+def prepare(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks, lora: bool, resume: bool,
+            fm: Optional[FirstModel], tok, verbose: bool):
+    """Phase 1: open the run folder, load the frozen model, encode the training records and make the
+    working copy. Returns (run, encoded examples)."""
     out = Path(out)
     if not lora:
         cfg.lora_steps = 0
     tasks = resolve_tasks(data_dir, tasks)
-    ckpt_file = out / "checkpoint.pt"
-    fm, tok = open_run(out, resume, ckpt_file, "checkpoint.pt", model, cfg.seed, fm, tok, verbose)
+    fm, tok = open_run(out, resume, out / "checkpoint.pt", "checkpoint.pt", model, cfg.seed, fm, tok, verbose)
     encoder = Encoder(tok, end_of_turn_id(tok, fm.cfg), cfg.max_prompt_tokens, cfg.max_completion_tokens)
     fm.pool_start = len(encoder.pre_ids)
     recs = mix_tasks(load_split(data_dir, "train", tasks), cfg.per_task or None, seed=cfg.seed)
@@ -396,74 +427,139 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
         raise FirstEdgeError(f"no usable training records in {data_dir} (completions are empty)")
     key = config_key(cfg, fm, data_dir, tasks)
     fm.eval()
-    work = fm
-    if cfg.bf16:
-        # a bf16 copy of the frozen model (autocast would convert every weight at every call);
-        # the routers stay fp32 and are shared with ``fm``, which keeps its fp32 weights
-        import copy
+    work = bf16_working_copy(fm) if cfg.bf16 else fm
+    return E2ERun(out=out, cfg=cfg, fm=fm, work=work, key=key, tasks=tasks), encoded
 
-        routers, fm.routers = fm.routers, None
-        work = copy.deepcopy(fm)
-        fm.routers = work.routers = routers
-        work.hf.to(torch.bfloat16)
-    cache = PromptCache(out / "cache", work)
+
+def cache_prompts(run: E2ERun, encoded, progress: bool, verbose: bool) -> float:
+    """Phase 2: the prompt cache of ``run.key``, reused when complete, else built. Returns its seconds."""
     t0 = time.time()
-    if cache.exists(key):
-        cache.open()
+    run.cache = PromptCache(run.out / "cache", run.work)
+    if run.cache.exists(run.key):
+        run.cache.open()
         if verbose:
-            print(f"[finetune] reusing the prompt cache in {cache.folder} ({len(cache)} examples)", file=sys.stderr)
+            print(f"[finetune] reusing the prompt cache in {run.cache.folder} ({len(run.cache)} examples)",
+                  file=sys.stderr)
     else:
         if verbose:
-            print(f"[finetune] {len(encoded)} examples from {', '.join(tasks)}; caching prompt states once",
+            print(f"[finetune] {len(encoded)} examples from {', '.join(run.tasks)}; caching prompt states once",
                   file=sys.stderr)
-        cache.build(work, encoded, key, cfg, progress=progress)
-    cache_s = time.time() - t0
+        run.cache.build(run.work, encoded, run.key, run.cfg, progress=progress)
+    return time.time() - t0
 
-    params = list(fm.routers.parameters())
-    for p in params:
+
+def init_optimizer(run: E2ERun, resume: bool, verbose: bool) -> int:
+    """Phase 3: the router optimiser, restored from the checkpoint with --resume. Returns the first step."""
+    cfg = run.cfg
+    run.router_params = list(run.fm.routers.parameters())
+    for p in run.router_params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    run.opt = torch.optim.Adam(run.router_params, lr=cfg.lr)
     start = 1
-    lora_params: List[torch.nn.Parameter] = []
-    lora_opt = None
-    state = None
     if resume:
-        state = torch.load(ckpt_file, weights_only=False)
-        if state.get("key") != key:
-            raise FirstEdgeError(f"{ckpt_file} was written for other data or settings; start a new --out")
-        fm.routers.load_state_dict(state["routers"])
-        opt.load_state_dict(state["opt"])
-        for grp in opt.param_groups:  # settings given now apply from the resume point on
+        state = torch.load(run.ckpt_file, weights_only=False)
+        if state.get("key") != run.key:
+            raise FirstEdgeError(f"{run.ckpt_file} was written for other data or settings; start a new --out")
+        run.resumed = state
+        run.fm.routers.load_state_dict(state["routers"])
+        run.opt.load_state_dict(state["opt"])
+        for grp in run.opt.param_groups:  # settings given now apply from the resume point on
             grp["lr"] = cfg.lr
         start = int(state["step"]) + 1
         if verbose:
-            print(f"[finetune] resuming {out} at step {start}", file=sys.stderr)
-    log_path = out / "train_log.jsonl"
-    if not resume and log_path.exists():
-        log_path.unlink()
+            print(f"[finetune] resuming {run.out} at step {start}", file=sys.stderr)
+    if not resume and run.log_path.exists():
+        run.log_path.unlink()
+    return start
 
-    def ensure_lora():
-        nonlocal lora_params, lora_opt
-        if lora_opt is None:
-            lora_params = attach_trainable_lora(work, cfg.lora_r)
-            lora_opt = torch.optim.Adam([{"params": lora_params, "lr": cfg.lora_lr},
-                                         {"params": params, "lr": cfg.lr * 0.1}])
-            if state is not None and state.get("lora") is not None:
-                sd = dict(work.hf.named_parameters())
-                for n, v in state["lora"].items():
-                    sd[n].data.copy_(v)
-                lora_opt.load_state_dict(state["lora_opt"])
 
-    def save_ckpt(step):
-        st = {"step": step, "key": key, "routers": fm.routers.state_dict(), "opt": opt.state_dict(),
-              "cfg": asdict(cfg), "lora": None}
-        if lora_opt is not None:
-            st["lora"] = {n: p.detach().clone() for n, p in work.hf.named_parameters() if "lora_" in n}
-            st["lora_opt"] = lora_opt.state_dict()
-        tmp = ckpt_file.with_suffix(".tmp")
-        torch.save(st, tmp)
-        os.replace(tmp, ckpt_file)
+def ensure_lora(run: E2ERun):
+    """At the first LoRA step: trainable adapters on the working model and their optimiser (restored
+    from the checkpoint when it has them)."""
+    if run.lora_opt is not None:
+        return
+    cfg = run.cfg
+    run.lora_params = attach_trainable_lora(run.work, cfg.lora_r)
+    run.lora_opt = torch.optim.Adam([{"params": run.lora_params, "lr": cfg.lora_lr},
+                                     {"params": run.router_params, "lr": cfg.lr * 0.1}])
+    state = run.resumed
+    if state is not None and state.get("lora") is not None:
+        sd = dict(run.work.hf.named_parameters())
+        for n, v in state["lora"].items():
+            sd[n].data.copy_(v)
+        run.lora_opt.load_state_dict(state["lora_opt"])
 
+
+def train_step(run: E2ERun, step: int) -> dict:
+    """Phase 4, one step: the batch of ``step``, the forward of its phase (cached for soft/hard, the full
+    mixed forward for lora), the loss and the update. Returns the log record."""
+    cfg, work = run.cfg, run.work
+    phase = phase_of(step, cfg)
+    idx = _batch_indices(len(run.cache), cfg.batch_size, cfg.seed, step)
+    gate_fn = make_gate_fn(phase, cfg.tau)
+    if phase == "lora":
+        ensure_lora(run)
+        b = lora_batch(run.cache, idx)
+        with autocast(cfg):
+            logits, g, gates = work.mixed_forward(b["full_ids"], b["full_pmask"], gate_fn=lambda l, gl: gate_fn(gl))
+        logits = logits.gather(1, b["sel"].unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        opt = run.lora_opt
+    else:
+        b = run.cache.batch(idx)
+        with autocast(cfg):
+            logits, g, gates = cached_forward(work, b, gate_fn, work.pinned_mask)
+        opt = run.opt
+    loss, parts = losses(logits, b, gates, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    n_layers = run.fm.n_layers
+    hard_kept = float((g.detach() >= cfg.tau).float().sum(1).mean())
+    parts.update(step=step, phase=phase, gate=float(gates.detach().mean()),
+                 skipped=round(n_layers - float(gates.detach().sum(1).mean()), 3),
+                 skipped_at_tau=round(n_layers - hard_kept, 3))
+    return parts
+
+
+def save_checkpoint(run: E2ERun, step: int):
+    """Phase 5a: ``checkpoint.pt`` (routers, optimisers, LoRA weights) for --resume, written atomically."""
+    st = {"step": step, "key": run.key, "routers": run.fm.routers.state_dict(), "opt": run.opt.state_dict(),
+          "cfg": asdict(run.cfg), "lora": None}
+    if run.lora_opt is not None:
+        st["lora"] = {n: p.detach().clone() for n, p in run.work.hf.named_parameters() if "lora_" in n}
+        st["lora_opt"] = run.lora_opt.state_dict()
+    tmp = run.ckpt_file.with_suffix(".tmp")
+    torch.save(st, tmp)
+    os.replace(tmp, run.ckpt_file)
+
+
+def save_run(run: E2ERun, model: Optional[str], summary: dict):
+    """Phase 5b: routers.safetensors + routers.json (with the summary) and, after a LoRA phase, ``lora/``;
+    ``run.fm`` is left with the trained adapters merged and its routers frozen."""
+    fm, out = run.fm, run.out
+    with_lora = run.lora_opt is not None
+    extra = {"lora": with_lora, "model_dir": str(Path(model).resolve()) if model else None, "train": summary}
+    if with_lora:
+        run.work.hf.save_pretrained(str(out / "lora"))
+        fm.save_routers(out, extra=extra)
+        from .model import attach_lora
+
+        fm.hf = attach_lora(fm.hf, out / "lora") if run.work is not fm else run.work.hf.merge_and_unload()
+    else:
+        fm.save_routers(out, extra=extra)
+    run.work = None
+    for p in fm.routers.parameters():
+        p.requires_grad_(False)
+
+
+def train_e2e(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks=None, lora: bool = False,
+              resume: bool = False, stop_after: Optional[int] = None, progress: bool = True, verbose: bool = True,
+              fm: Optional[FirstModel] = None, tok=None) -> dict:
+    """The end-to-end recipe: prepare, cache, then the steps (checkpointed), then save."""
+    t_start = time.time()
+    run, encoded = prepare(model, data_dir, out, cfg, tasks, lora, resume, fm, tok, verbose)
+    cache_s = cache_prompts(run, encoded, progress, verbose)
+    start = init_optimizer(run, resume, verbose)
     total = cfg.total_steps
     bar = None
     if progress:
@@ -472,44 +568,19 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
         bar = tqdm(total=total, initial=start - 1, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
     last = {}
     t_train = time.time()
-    work.train(False)
+    run.work.train(False)
     for step in range(start, total + 1):
-        phase = phase_of(step, cfg)
-        idx = _batch_indices(len(cache), cfg.batch_size, cfg.seed, step)
-        gate_fn = make_gate_fn(phase, cfg.tau)
-        if phase == "lora":
-            ensure_lora()
-            b = lora_batch(cache, idx)
-            with autocast(cfg):
-                logits, g, gates = work.mixed_forward(b["full_ids"], b["full_pmask"], gate_fn=lambda l, gl: gate_fn(gl))
-            logits = logits.gather(1, b["sel"].unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-            loss, parts = losses(logits, b, gates, cfg)
-            lora_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            lora_opt.step()
-        else:
-            b = cache.batch(idx)
-            with autocast(cfg):
-                logits, g, gates = cached_forward(work, b, gate_fn, work.pinned_mask)
-            loss, parts = losses(logits, b, gates, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        hard_kept = float((g.detach() >= cfg.tau).float().sum(1).mean())
-        parts.update(step=step, phase=phase, gate=float(gates.detach().mean()),
-                     skipped=round(fm.n_layers - float(gates.detach().sum(1).mean()), 3),
-                     skipped_at_tau=round(fm.n_layers - hard_kept, 3))
-        last = parts
-        with open(log_path, "a") as f:
+        parts = last = train_step(run, step)
+        with open(run.log_path, "a") as f:
             f.write(json.dumps(parts) + "\n")
         if bar is not None:
-            bar.set_postfix(phase=phase, loss=f"{parts['loss']:.3f}", gate=f"{parts['gate']:.3f}",
+            bar.set_postfix(phase=parts["phase"], loss=f"{parts['loss']:.3f}", gate=f"{parts['gate']:.3f}",
                             skipped=f"{parts['skipped']:.1f}")
             bar.update(1)
         if step % cfg.save_every == 0 or step == total or step == cfg.soft_steps + cfg.hard_steps:
-            save_ckpt(step)
+            save_checkpoint(run, step)
         if stop_after is not None and step >= stop_after:
-            save_ckpt(step)
+            save_checkpoint(run, step)
             if bar is not None:
                 bar.close()
             return {"stopped_at": step}
@@ -521,27 +592,16 @@ def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks
     ru = resource.getrusage(resource.RUSAGE_SELF)
     summary = {"steps": total, "final": last, "cache_s": round(cache_s, 1), "train_s": round(train_s, 1),
                "cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "threads": torch.get_num_threads(),
-               "total_s": round(time.time() - t_start, 1), "examples": len(cache), "tasks": tasks,
+               "total_s": round(time.time() - t_start, 1), "examples": len(run.cache), "tasks": run.tasks,
                "data": str(data_dir), "config": asdict(cfg)}
-    extra = {"lora": bool(lora_opt is not None), "model_dir": str(Path(model).resolve()) if model else None,
-             "train": summary}
-    if lora_opt is not None:
-        work.hf.save_pretrained(str(out / "lora"))
-        fm.save_routers(out, extra=extra)
-        from .model import attach_lora
-
-        fm.hf = attach_lora(fm.hf, out / "lora") if work is not fm else work.hf.merge_and_unload()
-    else:
-        fm.save_routers(out, extra=extra)
-    del work
-    for p in fm.routers.parameters():
-        p.requires_grad_(False)
+    with_lora = run.lora_opt is not None
+    save_run(run, model, summary)
     if verbose:
-        print(f"[finetune] wrote {out}/routers.safetensors{' and lora/' if lora_opt is not None else ''} "
+        print(f"[finetune] wrote {run.out}/routers.safetensors{' and lora/' if with_lora else ''} "
               f"in {summary['total_s']:.0f} s (cache {cache_s:.0f} s, training {train_s:.0f} s; CPU time "
               f"{summary['cpu_s']:.0f} s); final: "
               f"loss {last.get('loss', float('nan')):.3f}, layers skipped at tau={cfg.tau}: "
-              f"{last.get('skipped_at_tau', 0):.1f}/{fm.n_layers}", file=sys.stderr)
+              f"{last.get('skipped_at_tau', 0):.1f}/{run.fm.n_layers}", file=sys.stderr)
     return summary
 
 
@@ -568,6 +628,8 @@ def main(argv=None):
         typ = int if isinstance(f.default, int) and not isinstance(f.default, bool) else float
         ap.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None,
                         help=f"override the preset's {f.name}")
+    ap.add_argument("--no-target-keep", action="store_true",
+                    help="e2e latency term lam * mean gate, without a target fraction of kept layers")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast (slower)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -580,7 +642,12 @@ def main(argv=None):
     if cfg.recipe == "rank" and args.lora:
         raise FirstEdgeError("--lora needs the end-to-end recipe (--recipe e2e)")
     if args.target_keep is not None and args.target_keep < 0:
-        cfg.target_keep = None  # a negative value selects the plain lam * mean-gate penalty
+        raise FirstEdgeError(f"--target-keep {args.target_keep:g}: a negative target no longer selects the plain "
+                             f"lam * mean-gate penalty, use --no-target-keep (--target-keep is a fraction of layers)")
+    if args.no_target_keep:
+        if args.target_keep is not None:
+            raise FirstEdgeError("give either --target-keep or --no-target-keep, not both")
+        cfg.target_keep = None
     if args.fp32:
         cfg.bf16 = False
     if cfg.batch_size < 1 or cfg.total_steps < 1:

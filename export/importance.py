@@ -15,7 +15,6 @@ On top of it:
 """
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -25,7 +24,7 @@ import torch
 
 from runtime.errors import FirstEdgeError
 
-from .model import FirstModel
+from .model import FirstModel, bf16_working_copy
 
 
 def bf16_is_fast() -> bool:
@@ -72,13 +71,7 @@ class Scorer:
         self.L = fm.n_layers
         self.chunk = int(chunk)
         if bf16:
-            routers, fm.routers = fm.routers, None
-            try:
-                self.work = copy.deepcopy(fm)
-            finally:
-                fm.routers = routers
-            self.work.routers = routers
-            self.work.hf.to(torch.bfloat16)
+            self.work = bf16_working_copy(fm)
             self.dtype = torch.bfloat16
         else:
             self.work = fm

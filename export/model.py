@@ -334,6 +334,22 @@ class FirstModel(nn.Module):
         return cfg
 
 
+def bf16_working_copy(fm: FirstModel) -> FirstModel:
+    """A copy of ``fm`` whose frozen base is bf16 and whose routers are ``fm``'s own (fp32, shared):
+    what training and scoring run where bf16 is fast (autocast would convert every weight at every
+    call); ``fm`` keeps its fp32 weights."""
+    import copy
+
+    routers, fm.routers = fm.routers, None
+    try:
+        work = copy.deepcopy(fm)
+    finally:
+        fm.routers = routers
+    work.routers = routers
+    work.hf.to(torch.bfloat16)
+    return work
+
+
 def build_first_model(model: Optional[str] = None, routers: Optional[str] = None, verbose: bool = True,
                       lora: Optional[str] = None) -> Tuple[FirstModel, object]:
     """Load a base model (folder or embedded default), wrap it, optionally load routers/LoRA."""
