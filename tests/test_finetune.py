@@ -228,6 +228,26 @@ def test_cli_errors(tmp_path, tiny_dir, capsys):
     with pytest.raises(SystemExit) as e:
         ft.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "r"), "--model", str(tiny_dir)])
     assert e.value.code == 2 and "data folder not found" in capsys.readouterr().err
+    base = ["--data", str(tmp_path), "--out", str(tmp_path / "r"), "--recipe", "e2e"]
+    with pytest.raises(SystemExit) as e:
+        ft.main(base + ["--target-keep", "-1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--no-target-keep" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        ft.main(base + ["--target-keep", "0.6", "--no-target-keep"])
+    assert e.value.code == 2 and "not both" in capsys.readouterr().err
+
+
+def test_cli_target_keep_options(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(ft, "train", lambda model, data, out, cfg, **kw: seen.update(cfg=cfg) or {"stopped_at": 0})
+    base = ["--data", str(tmp_path), "--out", str(tmp_path / "r"), "--recipe", "e2e", "--preset", "tiny"]
+    ft.main(base + ["--no-target-keep"])
+    assert seen["cfg"].target_keep is None
+    ft.main(base + ["--target-keep", "0.6"])
+    assert seen["cfg"].target_keep == 0.6
+    ft.main(base)
+    assert seen["cfg"].target_keep == ft.TrainConfig().target_keep
 
 
 # ---------------------------------------------------------------- rank recipe (training v2)
