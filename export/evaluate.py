@@ -37,6 +37,7 @@ import json
 import sys
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -47,7 +48,7 @@ from runtime.errors import FirstEdgeError, cli_main
 from runtime.loop import SamplingConfig, generate
 from runtime.masks import budget_mask, mask_str, threshold_mask
 
-from . import baselines as B
+from . import baselines
 from .data import Encoder, end_of_turn_id, load_split
 from .reference import TorchBackend, eos_ids
 from .importance import (PromptState, Scorer, greedy_masks, importance_order, paired_bootstrap, single_skip_costs,
@@ -87,7 +88,7 @@ def calibrate_baselines(fm: FirstModel, scorer: Scorer, data_dir, tasks: List[st
     bi, costs = {}, {}
     for t, items in samples.items():
         ids = [x[1] for x in items]
-        bi[t] = B.block_influence(fm, ids)
+        bi[t] = baselines.block_influence(fm, ids)
         c = []
         for p in ids:
             c.append(single_skip_costs(scorer, scorer.prepare(p, n_new, eos)))
@@ -102,17 +103,17 @@ def baseline_mask(method: str, k: int, L: int, cal: dict, task: str, seed: int =
     """One baseline's mask at k skipped layers, or None where it is not available (per-task calibration
     of a task the routers did not train on)."""
     if method == "bi_global":
-        return B.bi_mask(cal["bi_global"], k)
+        return baselines.bi_mask(cal["bi_global"], k)
     if method == "bi_task":
-        return B.bi_mask(cal["bi_task"][task], k) if task in cal["bi_task"] else None
+        return baselines.bi_mask(cal["bi_task"][task], k) if task in cal["bi_task"] else None
     if method == "static_global":
         return static_mask(importance_order(cal["cost_global"]), k, L)
     if method == "static_task":
         return static_mask(importance_order(cal["cost_task"][task]), k, L) if task in cal["cost_task"] else None
     if method == "even":
-        return B.even_mask(L, k)
+        return baselines.even_mask(L, k)
     if method == "random":
-        return B.random_mask(L, k, seed)
+        return baselines.random_mask(L, k, seed)
     raise FirstEdgeError(f"unknown baseline '{method}'")
 
 
@@ -213,6 +214,18 @@ def generate_quality(fm: FirstModel, tok, items, configs_by_prompt: List[Dict[st
 
 
 # ------------------------------------------------------------------ 6. oracle
+def first_half_kl(scorer: Scorer, states: List[PromptState], halves: List[int], masks: np.ndarray) -> np.ndarray:
+    """Mean KL per mask [M] over the first ``halves[i]`` continuation tokens of each prompt (what the
+    oracle masks are chosen on)."""
+    return np.mean([scorer.kl(s, masks, upto=h)[0] for s, h in zip(states, halves)], 0)
+
+
+def second_half_kl(scorer: Scorer, state: PromptState, half: int, masks: np.ndarray) -> np.ndarray:
+    """Mean KL per mask [M] over the continuation tokens from ``half`` on (what the oracle is scored on)."""
+    kl, _ = scorer.kl(state, masks, per_token=True)
+    return kl[:, half:].mean(1)
+
+
 def oracle_study(scorer: Scorer, fm: FirstModel, states: List[PromptState], cal: dict, task: str,
                  ks=TARGET_KS) -> dict:
     """Best static (per task) and best per-prompt greedy masks, chosen on the first half of each
@@ -223,20 +236,12 @@ def oracle_study(scorer: Scorer, fm: FirstModel, states: List[PromptState], cal:
     if not states:
         return {}
     halves = [s.n_scored // 2 for s in states]
-
-    def second_half(s, h, masks):
-        kl, _ = scorer.kl(s, masks, per_token=True)
-        return kl[:, h:].mean(1)
-
-    def first_half_task(masks):
-        return np.mean([scorer.kl(s, masks, upto=h)[0] for s, h in zip(states, halves)], 0)
-
     ks = [k for k in ks if k <= L - 1 - len(fm.pinned)]
     if not ks:
         return {}
     kmax = max(ks)
-    task_masks = greedy_masks(first_half_task, L, kmax, fm.pinned)
-    prompt_masks = [greedy_masks(lambda m, s=s, h=h: scorer.kl(s, m, upto=h)[0], L, kmax, fm.pinned)
+    task_masks = greedy_masks(partial(first_half_kl, scorer, states, halves), L, kmax, fm.pinned)
+    prompt_masks = [greedy_masks(partial(first_half_kl, scorer, [s], [h]), L, kmax, fm.pinned)
                     for s, h in zip(states, halves)]
     out = {"prompts": len(states)}
     for k in ks:
@@ -251,7 +256,7 @@ def oracle_study(scorer: Scorer, fm: FirstModel, states: List[PromptState], cal:
                 bm = baseline_mask(m, k, L, cal, task)
                 if bm is not None:
                     cand[m] = bm
-            v = second_half(s, h, np.stack(list(cand.values())))
+            v = second_half_kl(scorer, s, h, np.stack(list(cand.values())))
             for name, x in zip(cand, v):
                 (rows[name] if name in rows else cal_rows.setdefault(name, [])).append(float(x))
         means = {n: float(np.mean(v)) for n, v in {**rows, **cal_rows}.items()}
@@ -265,20 +270,96 @@ def oracle_study(scorer: Scorer, fm: FirstModel, states: List[PromptState], cal:
 
 
 # ------------------------------------------------------------------ the protocol
+def check_budgets(fm: FirstModel, budgets: Sequence[int]):
+    L = fm.n_layers
+    for k in budgets:
+        if not 0 < k <= L - 1 - len(fm.pinned):
+            raise FirstEdgeError(f"budget {k} is out of range for {L} layers with {len(fm.pinned)} pinned")
+
+
+def score_task(scorer: Scorer, fm: FirstModel, items, enc: Encoder, continuation: int, eos, budgets, thresholds,
+               cal: dict, task: str, keep_states: int = 0, tick=None):
+    """Phase score: every configuration of every prompt of a task. Returns (per_prompt {name: [result]},
+    FiRST's masks {name: [mask per prompt]}, the first ``keep_states`` prompt states for the oracle)."""
+    per_prompt: Dict[str, List[dict]] = {}
+    first_masks: Dict[str, List[np.ndarray]] = {}
+    states = []
+    for rec, ids in items:
+        ps = scorer.prepare(ids, continuation, eos)
+        cfgs = prompt_configs(ps.scores, fm, budgets, thresholds, cal, task)
+        for name, r in score_prompt(scorer, ps, cfgs, enc.completion(rec.completion)).items():
+            per_prompt.setdefault(name, []).append(r)
+        for name, ms in cfgs.items():
+            if name.endswith("/first"):
+                first_masks.setdefault(name, []).append(ms[0])
+        if len(states) < keep_states:
+            states.append(ps)
+        else:
+            ps.kv = None
+        if tick:
+            tick(1)
+    return per_prompt, first_masks, states
+
+
+def summarise_task(items, per_prompt: Dict[str, List[dict]], first_masks: Dict[str, List[np.ndarray]], budgets,
+                   thresholds, flops: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Phase summarise (a task): the comparisons at each budget and threshold, FiRST's mean masks and
+    skip rates."""
+    L = len(flops) - 1
+    metric = Counter(r.metric for r, _ in items).most_common(1)[0][0]
+    tr = {"metric": metric, "n": len(items), "budget": {}, "threshold": {},
+          "per_prompt": {n: [round(r["kl"], 5) for r in v] for n, v in per_prompt.items()}}
+    for k in budgets:
+        tr["budget"][str(k)] = compare(per_prompt, f"budget/{k}", n_boot, seed)
+        tr["budget"][str(k)]["nll"] = {n.split("/")[-1]: float(np.mean([r["nll"] for r in v]))
+                                       for n, v in per_prompt.items() if n.startswith(f"budget/{k}/") and "nll" in v[0]}
+        tr["budget"][str(k)]["mean_mask"] = np.mean(first_masks[f"budget/{k}/first"], 0).round(4).tolist()
+    for t in thresholds:
+        c = compare(per_prompt, f"threshold/{t:g}", n_boot, seed)
+        ms = np.array(first_masks[f"threshold/{t:g}/first"])
+        c["mean_mask"] = ms.mean(0).round(4).tolist()
+        c["skip_rate"] = float((~ms).sum(1).mean() / L)
+        c["flops_skipped"] = float(np.mean([flops[:-1][~m].sum() / flops.sum() for m in ms]))
+        c["skipped_per_prompt"] = [int((~m).sum()) for m in ms]
+        tr["threshold"][f"{t:g}"] = c
+    return tr
+
+
+def generation_masks(tr: dict, first_masks: Dict[str, List[np.ndarray]], thresholds, cal: dict, task: str,
+                     L: int, n: int) -> List[Dict[str, np.ndarray]]:
+    """Phase masks (generation): per prompt, {configuration: mask} for base, FiRST at the target budgets
+    and each threshold, and the best static baseline at the target budgets."""
+    out = []
+    for j in range(n):
+        masks = {"base": np.ones(L, dtype=bool)}
+        for k in TARGET_KS:
+            if str(k) in tr["budget"]:
+                masks[f"budget/{k}/first"] = first_masks[f"budget/{k}/first"][j]
+                best = tr["budget"][str(k)].get("best")
+                if best and best != "random":
+                    masks[f"budget/{k}/best_static"] = baseline_mask(best, k, L, cal, task)
+        for t in thresholds:
+            masks[f"threshold/{t:g}/first"] = first_masks[f"threshold/{t:g}/first"][j]
+        out.append(masks)
+    return out
+
+
 def evaluate(fm: FirstModel, tok, data_dir, split: str = "val", tasks=None, prompts: int = 100,
              budgets: Sequence[int] = (3, 6, 9, 12), thresholds: Sequence[float] = (), continuation: int = 24,
              max_prompt_tokens: int = 256, calib: int = 8, train_tasks: Optional[List[str]] = None,
              gen_prompts: int = 32, gen_tokens: int = 48, oracle: int = 0, seed: int = 0, n_boot: int = 2000,
              bf16: Optional[bool] = None, progress: bool = True, log=None) -> dict:
-    log = log or (lambda s: print(s, file=sys.stderr))
+    """The protocol (module docstring): sample, calibrate, then per task score, summarise, oracle and
+    generate; the summary over tasks last."""
+    if log is None:
+        def log(line):
+            print(line, file=sys.stderr)
     t_all = time.time()
     L = fm.n_layers
-    end = end_of_turn_id(tok, fm.cfg)
     eos = eos_ids(tok, fm.cfg)
-    enc = Encoder(tok, end, max_prompt_tokens=max_prompt_tokens, max_completion_tokens=continuation)
-    for k in budgets:
-        if not 0 < k <= L - 1 - len(fm.pinned):
-            raise FirstEdgeError(f"budget {k} is out of range for {L} layers with {len(fm.pinned)} pinned")
+    enc = Encoder(tok, end_of_turn_id(tok, fm.cfg), max_prompt_tokens=max_prompt_tokens,
+                  max_completion_tokens=continuation)
+    check_budgets(fm, budgets)
     thresholds = sorted(set(float(t) for t in thresholds) | {float(fm.threshold)})
     samples = sample_prompts(data_dir, split, tasks, prompts, seed, enc)
     cal_tasks = list(train_tasks or samples)  # global baselines: the tasks the routers were trained on
@@ -289,7 +370,7 @@ def evaluate(fm: FirstModel, tok, data_dir, split: str = "val", tasks=None, prom
 
         total = calib * len(cal_tasks) + sum(len(v) for v in samples.values())
         bar = tqdm(total=total, desc="evaluating", unit="prompt", file=sys.stderr, dynamic_ncols=True)
-    tick = (lambda n: bar.update(n)) if bar is not None else None
+    tick = bar.update if bar is not None else None
     t0 = time.time()
     cal = calibrate_baselines(fm, scorer, data_dir, cal_tasks, enc, calib, continuation, eos, seed, progress=tick)
     log(f"[evaluate] baselines calibrated on {calib} train prompts x {len(cal_tasks)} tasks ({time.time() - t0:.0f} s)")
@@ -302,56 +383,16 @@ def evaluate(fm: FirstModel, tok, data_dir, split: str = "val", tasks=None, prom
            "baseline_calibration": {"bi_global": cal["bi_global"].round(5).tolist(),
                                     "kl_skip_one_global": cal["cost_global"].round(5).tolist()}}
     for task, items in samples.items():
-        per_prompt: Dict[str, List[dict]] = {}
-        states, masks_first = [], {}
-        for rec, ids in items:
-            ps = scorer.prepare(ids, continuation, eos)
-            cfgs = prompt_configs(ps.scores, fm, budgets, thresholds, cal, task)
-            for name, r in score_prompt(scorer, ps, cfgs, enc.completion(rec.completion)).items():
-                per_prompt.setdefault(name, []).append(r)
-            for name, ms in cfgs.items():
-                if name.endswith("/first"):
-                    masks_first.setdefault(name, []).append(ms[0])
-            if oracle and len(states) < oracle:
-                states.append(ps)
-            else:
-                ps.kv = None
-            if tick:
-                tick(1)
-        metric = Counter(r.metric for r, _ in items).most_common(1)[0][0]
-        tr = {"metric": metric, "n": len(items), "budget": {}, "threshold": {},
-              "per_prompt": {n: [round(r["kl"], 5) for r in v] for n, v in per_prompt.items()}}
-        for k in budgets:
-            tr["budget"][str(k)] = compare(per_prompt, f"budget/{k}", n_boot, seed)
-            tr["budget"][str(k)]["nll"] = {n.split("/")[-1]: float(np.mean([r["nll"] for r in v]))
-                                           for n, v in per_prompt.items() if n.startswith(f"budget/{k}/") and "nll" in v[0]}
-            tr["budget"][str(k)]["mean_mask"] = np.mean(masks_first[f"budget/{k}/first"], 0).round(4).tolist()
-        for t in thresholds:
-            c = compare(per_prompt, f"threshold/{t:g}", n_boot, seed)
-            ms = np.array(masks_first[f"threshold/{t:g}/first"])
-            c["mean_mask"] = ms.mean(0).round(4).tolist()
-            c["skip_rate"] = float((~ms).sum(1).mean() / L)
-            c["flops_skipped"] = float(np.mean([flops[:-1][~m].sum() / flops.sum() for m in ms]))
-            c["skipped_per_prompt"] = [int((~m).sum()) for m in ms]
-            tr["threshold"][f"{t:g}"] = c
+        per_prompt, first_masks, states = score_task(scorer, fm, items, enc, continuation, eos, budgets, thresholds,
+                                                     cal, task, keep_states=oracle, tick=tick)
+        tr = summarise_task(items, per_prompt, first_masks, budgets, thresholds, flops, n_boot, seed)
         if oracle:
             oks = [k for k in budgets if k in TARGET_KS] or list(budgets)  # k = 6, 9; any budget on a small model
             tr["oracle"] = oracle_study(scorer, fm, states, cal, task, ks=oks)
         if gen_prompts:
             gen_items = items[:gen_prompts]
-            gcfgs = []
-            for j in range(len(gen_items)):
-                c = {"base": np.ones(L, dtype=bool)}
-                for k in TARGET_KS:
-                    if str(k) in tr["budget"]:
-                        c[f"budget/{k}/first"] = masks_first[f"budget/{k}/first"][j]
-                        best = tr["budget"][str(k)].get("best")
-                        if best and best != "random":
-                            c[f"budget/{k}/best_static"] = baseline_mask(best, k, L, cal, task)
-                for t in thresholds:
-                    c[f"threshold/{t:g}/first"] = masks_first[f"threshold/{t:g}/first"][j]
-                gcfgs.append(c)
-            tr["generation"] = generate_quality(fm, tok, gen_items, gcfgs, gen_tokens, eos,
+            masks = generation_masks(tr, first_masks, thresholds, cal, task, L, len(gen_items))
+            tr["generation"] = generate_quality(fm, tok, gen_items, masks, gen_tokens, eos,
                                                 max_prompt_tokens + gen_tokens + 8)
         res["tasks"][task] = tr
         b6 = tr["budget"].get("6") or next(iter(tr["budget"].values()), None)
@@ -464,11 +505,11 @@ def plot(res: dict, out: Path):
 
     k = str(9 if 9 in ks else ks[len(ks) // 2])
     t0 = f"{res['default_threshold']:g}"
-    M = np.array([res["tasks"][t]["budget"][k]["mean_mask"] for t in tasks] +
+    mean_masks = np.array([res["tasks"][t]["budget"][k]["mean_mask"] for t in tasks] +
                  [res["tasks"][t]["threshold"][t0]["mean_mask"] for t in tasks])
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * res["n_layers"] + 2), 0.4 * len(M) + 1.6))
-    im = ax.imshow(M, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_yticks(range(len(M)))
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * res["n_layers"] + 2), 0.4 * len(mean_masks) + 1.6))
+    im = ax.imshow(mean_masks, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_yticks(range(len(mean_masks)))
     ax.set_yticklabels([f"{t} (budget k={k})" for t in tasks] + [f"{t} (threshold {t0})" for t in tasks], fontsize=7)
     ax.set_xticks(range(res["n_layers"]))
     ax.set_xticklabels(range(res["n_layers"]), fontsize=7)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from export import baselines as B
+from export import baselines
 from export import evaluate as ev
 from export.metrics import normalize_answer, score
 from export.model import build_first_model
@@ -43,30 +43,42 @@ def test_metrics_on_known_strings():
         score("a", ["a"], "meteor")
 
 
+def test_record_metrics_are_the_scored_metrics():
+    """The data reader accepts exactly the metrics ``score`` computes (one list: export.metrics.METRICS)."""
+    from export import data, metrics
+
+    assert data.METRICS == tuple(metrics.METRICS) and "bleu" in data.METRICS
+    for name in data.METRICS:
+        rec = data.parse_record(json.dumps({"prompt": "p", "completion": "c", "metric": name}), "f:1")
+        assert score("c", rec.references, rec.metric) == pytest.approx(1.0)  # the completion is the reference
+    with pytest.raises(FirstEdgeError, match="unknown metric 'meteor' \\(known: " + ", ".join(metrics.METRICS)):
+        data.parse_record(json.dumps({"prompt": "p", "completion": "c", "metric": "meteor"}), "f:1")
+
+
 # ---------------------------------------------------------------- baselines
 @pytest.mark.parametrize("L", [6, 30])
 def test_baselines_skip_exactly_k_layers(L):
     rng = np.random.default_rng(0)
     bi = rng.random(L)
     for k in range(0, L):
-        for m in [B.bi_mask(bi, k), B.even_mask(L, k)] + B.baseline_masks("random", L, k):
+        for m in [baselines.bi_mask(bi, k), baselines.even_mask(L, k)] + baselines.baseline_masks("random", L, k):
             assert m.dtype == bool and m.shape == (L,) and int((~m).sum()) == k
         if k:
-            assert set(np.flatnonzero(~B.bi_mask(bi, k))) == set(np.argsort(bi)[:k])
+            assert set(np.flatnonzero(~baselines.bi_mask(bi, k))) == set(np.argsort(bi)[:k])
         if k <= L - 2:
-            e = B.even_mask(L, k)
+            e = baselines.even_mask(L, k)
             assert e[0] and e[-1]
-    assert list(np.flatnonzero(~B.even_mask(30, 3))) == [8, 15, 21]
-    r = [B.random_mask(L, L // 2, s) for s in (0, 1, 2)]
+    assert list(np.flatnonzero(~baselines.even_mask(30, 3))) == [8, 15, 21]
+    r = [baselines.random_mask(L, L // 2, s) for s in (0, 1, 2)]
     assert not (np.array_equal(r[0], r[1]) and np.array_equal(r[1], r[2]))
-    assert np.array_equal(B.random_mask(L, 2, 5), B.random_mask(L, 2, 5))
+    assert np.array_equal(baselines.random_mask(L, 2, 5), baselines.random_mask(L, 2, 5))
     with pytest.raises(FirstEdgeError, match="cannot skip"):
-        B.even_mask(L, L)
+        baselines.even_mask(L, L)
 
 
 def test_block_influence_scores(tiny_dir):
     fm, _ = build_first_model(str(tiny_dir), verbose=False)
-    bi = B.block_influence(fm, [[5, 6, 7, 8], [9, 10, 11]])
+    bi = baselines.block_influence(fm, [[5, 6, 7, 8], [9, 10, 11]])
     assert bi.shape == (fm.n_layers,) and np.all(bi >= 0) and np.all(bi <= 2) and bi.std() > 0
 
 
