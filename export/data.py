@@ -2,8 +2,8 @@
 
 One folder a task under ``--data DIR``, each with ``train.jsonl`` and ``val.jsonl``; one JSON object a
 line with ``task``, ``prompt`` (the user turn), ``completion`` (the training target), ``references``
-(every acceptable answer) and ``metric`` (``f1``, ``exact``, ``rougeL`` or ``chrf``). A malformed
-record stops with its file and line number.
+(every acceptable answer) and ``metric`` (``f1``, ``exact``, ``rougeL``, ``chrf`` or ``bleu``: the names
+of ``export.metrics.METRICS``). A malformed record stops with its file and line number.
 
 Encoding: the prompt is wrapped in the model's chat template (``export.chat``); a prompt longer than
 ``max_prompt_tokens`` keeps the head and the tail of the user message (the instruction and the
@@ -20,7 +20,9 @@ from typing import Dict, List, Optional, Sequence
 
 from runtime.errors import FirstEdgeError
 
-METRICS = ("f1", "exact", "rougeL", "chrf")
+from . import metrics as _metrics
+
+METRICS = tuple(_metrics.METRICS)  # the names export.metrics.score computes
 SPLITS = ("train", "val")
 
 

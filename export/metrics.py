@@ -3,7 +3,8 @@
 ``f1`` and ``exact`` use SQuAD v1.1 answer normalisation (lower case, no punctuation, no articles,
 single spaces), max over references; ``exact`` against a numeric reference compares the first
 number in the prediction (so the sign of "-153" counts). ``rougeL`` is rouge-score's ROUGE-L F,
-``chrf`` and ``bleu`` are sacrebleu's sentence scores. Every score is in [0, 1].
+``chrf`` and ``bleu`` are sacrebleu's sentence scores. Every score is in [0, 1]. ``METRICS`` is the
+one list of metric names: ``export.data`` accepts a record naming one of them.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import re
 import string
 from collections import Counter
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Dict, Sequence
 
 from runtime.errors import FirstEdgeError
 
@@ -73,23 +74,32 @@ def bleu(pred: str, refs: Sequence[str]) -> float:
     return float(sacrebleu.sentence_bleu(pred, list(refs)).score) / 100.0
 
 
+def _best_over_references(per_reference: Callable[[str, str], float]) -> Callable[[str, Sequence[str]], float]:
+    def scorer(pred: str, refs: Sequence[str]) -> float:
+        return max(per_reference(pred, r) for r in refs)
+
+    scorer.__name__ = per_reference.__name__.lstrip("_")
+    return scorer
+
+
+# every metric a record may name (``export.data`` accepts exactly these): name -> scorer(pred, refs)
+METRICS: Dict[str, Callable[[str, Sequence[str]], float]] = {
+    "f1": _best_over_references(_f1),
+    "exact": _best_over_references(_exact),
+    "rougeL": _best_over_references(_rouge_l),
+    "chrf": chrf,
+    "bleu": bleu,
+}
+
+
 def score(pred: str, references: Sequence[str], metric: str) -> float:
     """The record's metric, max over references (chrF/BLEU take all references at once)."""
     refs = list(references)
     if not refs:
         raise FirstEdgeError("a record needs at least one reference")
-    pred = pred.strip()
-    if metric == "f1":
-        return max(_f1(pred, r) for r in refs)
-    if metric == "exact":
-        return max(_exact(pred, r) for r in refs)
-    if metric == "rougeL":
-        return max(_rouge_l(pred, r) for r in refs)
-    if metric == "chrf":
-        return chrf(pred, refs)
-    if metric == "bleu":
-        return bleu(pred, refs)
-    raise FirstEdgeError(f"unknown metric '{metric}' (known: f1, exact, rougeL, chrf, bleu)")
+    if metric not in METRICS:
+        raise FirstEdgeError(f"unknown metric '{metric}' (known: {', '.join(METRICS)})")
+    return METRICS[metric](pred.strip(), refs)
 
 
 def corpus_bleu(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
