@@ -122,7 +122,7 @@ class PromptCache:
         self.folder = Path(folder)
         self.L, self.D = fm.n_layers, fm.hidden_size
         self.kvd = fm.n_kv_heads * fm.head_dim
-        self.F = self.D + 2 * self.kvd
+        self.width = self.D + 2 * self.kvd  # per token and layer: hidden, K, V
         self.meta = None
         self.arr = None
         self.dtype = torch.bfloat16
@@ -146,7 +146,7 @@ class PromptCache:
         ex = torch.load(self.folder / "examples.pt", weights_only=True)
         self.examples = ex
         total = self.meta["tokens"]
-        self.arr = np.memmap(self.folder / "states.bin", dtype=self._np(), mode="r", shape=(total, self.L, self.F))
+        self.arr = np.memmap(self.folder / "states.bin", dtype=self._np(), mode="r", shape=(total, self.L, self.width))
         return self
 
     @torch.no_grad()
@@ -154,7 +154,7 @@ class PromptCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.dtype = dt = torch.bfloat16 if cfg.bf16 else torch.float32
         total = sum(len(e.prompt_ids) for e in encoded)
-        arr = np.memmap(self.folder / "states.bin", dtype=self._np(), mode="w+", shape=(total, self.L, self.F))
+        arr = np.memmap(self.folder / "states.bin", dtype=self._np(), mode="w+", shape=(total, self.L, self.width))
         examples = []
         off = 0
         it = encoded
@@ -170,7 +170,7 @@ class PromptCache:
             with autocast(cfg):
                 cos, sin = fm.rope(pos)
                 h = fm.embed(ids)
-                rows = torch.empty(Tp, self.L, self.F, dtype=dt)
+                rows = torch.empty(Tp, self.L, self.width, dtype=dt)
                 for l in range(self.L):
                     rows[:, l, :self.D] = h[0, :Tp].to(dt)
                     h, k, v = fm.layer(l, h, cos, sin)
@@ -203,7 +203,7 @@ class PromptCache:
         Tp = max(e["tp"] for e in exs)
         Tc = max(len(e["comp"]) - 1 for e in exs)
         K = exs[0]["tidx"].shape[1]
-        states = torch.zeros(B, Tp, self.L, self.F, dtype=self.dtype)
+        states = torch.zeros(B, Tp, self.L, self.width, dtype=self.dtype)
         pmask = torch.zeros(B, Tp, dtype=torch.bool)
         cin = torch.zeros(B, Tc, dtype=torch.int64)
         tgt = torch.zeros(B, Tc, dtype=torch.int64)

@@ -297,12 +297,12 @@ def calibrate(fm: FirstModel, prompts: List[List[int]], eos, n_new: int, bf16, k
         it = tqdm(prompts, desc="calibrating thresholds", unit="prompt", file=sys.stderr, dynamic_ncols=True)
     for ids in it:
         states.append(scorer.prepare(ids, n_new, eos))
-    G = np.stack([s.scores for s in states])  # [N, L]
+    all_scores = np.stack([s.scores for s in states])  # [N, L]
 
     def mean_skipped(t):
-        return float(np.mean([L - threshold_mask(g, t, fm.pinned).sum() for g in G]))
+        return float(np.mean([L - threshold_mask(g, t, fm.pinned).sum() for g in all_scores]))
 
-    cands = np.unique(np.concatenate([G.ravel(), [0.0, 1.0]]).astype(np.float32))
+    cands = np.unique(np.concatenate([all_scores.ravel(), [0.0, 1.0]]).astype(np.float32))
     table = []
     for k in ks:
         if k > L - len(fm.pinned) - 1:
