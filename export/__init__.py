@@ -1,4 +1,4 @@
 """FiRST-Edge host toolchain (PyTorch): loading, routers, finetuning, export, bundles."""
-from runtime.errors import quiet_host_libraries as _quiet
+from .quiet import quiet_host_libraries
 
-_quiet()
+quiet_host_libraries()

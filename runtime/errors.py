@@ -23,21 +23,6 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     return type(e).__name__
 
 
-def quiet_host_libraries():
-    """Silence import-time chatter of host libraries (torchao's optional CUDA kernels, pytree notices)."""
-    import logging
-    import os
-    import warnings
-
-    # deprecation notices from inside torch/executorch (e.g. pytree's LeafSpec, ~100 per ExecuTorch export)
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(copyreg|torch|executorch|torchao)(\.|$)")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def cli_main(fn):
     """Decorate a CLI ``main``: a FirstEdgeError becomes ``error: ...`` on stderr and exit code 2."""
 
