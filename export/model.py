@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import numbers
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
