@@ -19,9 +19,10 @@ from typing import Optional
 
 from runtime.bundle import TOOL_VERSION, write_manifest
 from runtime.errors import FirstEdgeError, cli_main
+from runtime.graph_io import Dims, graph_io, to_json
 
 from .chat import chat_parts
-from .generate import eos_ids
+from .reference import eos_ids
 
 # target -> (module with build_graphs(), runtime name, quantize choices)
 TARGETS = {
@@ -90,9 +91,12 @@ def build(target: str, out, model: Optional[str] = None, run: Optional[str] = No
     common = write_common(fm, tok, out, run)
     mod = importlib.import_module(mod_name)
     graphs = mod.build_graphs(fm, out, quantize=quantize, max_context=max_context, verbose=verbose, **opts)
+    model = model_section(fm, max_context)
+    # every graph's inputs and outputs, from the one declaration the exporters built them from
+    graphs["io"] = to_json(graph_io(runtime, Dims.from_model(model), graphs["decode_shapes"]))
     manifest = {
         "tool": TOOL_VERSION, "target": target, "runtime": runtime,
-        "model": model_section(fm, max_context),
+        "model": model,
         "dtype": graphs.pop("dtype", "float32"), "quantization": quantize,
         **common,
         "graphs": graphs,

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from runtime.errors import FirstEdgeError
+from runtime.graph_io import SYMBOLS, TensorSpec, graph_io, model_dims
 
 from .model import FirstModel, rotate_half
 
@@ -73,7 +74,7 @@ def rope_apply(x, cos, sin, c: Consts):
 
 
 # method modules
-class EmbedM(nn.Module):
+class EmbedMethod(nn.Module):
     def __init__(self, fm: FirstModel):
         super().__init__()
         self.fm = fm
@@ -117,7 +118,7 @@ def decode_layer(fm: FirstModel, c: Consts, l: int, h, cos, sin, past_k, past_v)
     return h, k.view(1, 1, nkv, hd), v.view(1, 1, nkv, hd)
 
 
-class LayerM(nn.Module):
+class LayerMethod(nn.Module):
     def __init__(self, fm: FirstModel, l: int):
         super().__init__()
         self.fm, self.l, self.c = fm, l, Consts(fm)
@@ -126,7 +127,7 @@ class LayerM(nn.Module):
         return decode_layer(self.fm, self.c, self.l, h, cos, sin, past_k, past_v)
 
 
-class HeadM(nn.Module):
+class HeadMethod(nn.Module):
     def __init__(self, fm: FirstModel):
         super().__init__()
         self.fm, self.c = fm, Consts(fm)
@@ -165,7 +166,7 @@ def prefill_layer(fm: FirstModel, c: Consts, l: int, h, cos, sin, allowed):
     return h, kh.unsqueeze(0), vh.unsqueeze(0)
 
 
-class PrefillM(nn.Module):
+class PrefillMethod(nn.Module):
     """DESIGN.md section 2 prefill: every layer on every prompt token, router scores, threshold mask."""
 
     def __init__(self, fm: FirstModel):
@@ -195,17 +196,27 @@ class PrefillM(nn.Module):
         return tuple([logits, g, mask] + kv)
 
 
-def io_names(n_layers: int) -> dict:
-    pre_out = ["logits", "router_scores", "layer_mask"]
-    for l in range(n_layers):
-        pre_out += [f"present.{l}.key", f"present.{l}.value"]
-    return {
-        "prefill": {"inputs": ["input_ids", "threshold"], "outputs": pre_out},
-        "embed": {"inputs": ["input_ids", "position"], "outputs": ["hidden_states", "cos", "sin"]},
-        "layer": {"inputs": ["hidden_states", "cos", "sin", "past_key_values.key", "past_key_values.value"],
-                  "outputs": ["hidden_states", "present.key", "present.value"]},
-        "head": {"inputs": ["hidden_states"], "outputs": ["logits"]},
-    }
+def contract(fm: FirstModel, max_context: int) -> dict:
+    """The methods' inputs and outputs (runtime/graph_io.py, the one declaration every runtime reads)."""
+    return graph_io("executorch", model_dims(fm, max_context))
+
+
+def example_inputs(specs: List[TensorSpec], max_context: int, size: int = 5):
+    """Example tensors and dynamic dims for ``torch.export`` from a method's declared inputs: every symbolic
+    size (T, S) becomes an export Dim of 1..max_context-1."""
+    from torch.export import Dim
+
+    dyn_dims = {s: Dim(s, min=1, max=max_context - 1) for s in SYMBOLS}
+    args, dyn = [], []
+    for spec in specs:
+        shape = spec.static_shape(**{s: size for s in SYMBOLS})
+        if spec.dtype == "int64":
+            args.append(torch.full(shape, 3, dtype=torch.int64))
+        else:
+            args.append(torch.randn(shape))
+        axes = {a: dyn_dims[d] for a, d in enumerate(spec.shape) if isinstance(d, str)}
+        dyn.append(axes or None)
+    return tuple(args), tuple(dyn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,24 +243,21 @@ def quantize_8da4w(fm: FirstModel) -> FirstModel:
 
 
 def _export_all(fm: FirstModel, max_context: int, verbose: bool):
-    from torch.export import Dim, export
+    from torch.export import export
 
-    D, nkv, hd = fm.hidden_size, fm.n_kv_heads, fm.head_dim
+    io = contract(fm, max_context)
     eps = {}
     t = time.time()
-    T = Dim("T", min=1, max=max_context - 1)
-    ids = torch.randint(0, fm.vocab_size, (1, 5), dtype=torch.int64)
-    eps["prefill"] = export(PrefillM(fm), (ids, torch.tensor([0.5])), dynamic_shapes=({1: T}, None), strict=False)
-    eps["embed"] = export(EmbedM(fm), (torch.zeros(1, 1, dtype=torch.int64), torch.tensor([3], dtype=torch.int64)),
-                          strict=False)
-    S = Dim("S", min=1, max=max_context - 1)
-    h = torch.randn(1, 1, D)
-    cos, sin = fm.rope(torch.tensor([[5]]))
-    pk, pv = torch.randn(1, 5, nkv, hd), torch.randn(1, 5, nkv, hd)
+
+    def exported(module: nn.Module, graph: str):
+        args, dyn = example_inputs(io[graph]["inputs"], max_context)
+        return export(module, args, dynamic_shapes=dyn, strict=False)
+
+    eps["prefill"] = exported(PrefillMethod(fm), "prefill")
+    eps["embed"] = exported(EmbedMethod(fm), "embed")
     for l in range(fm.n_layers):
-        eps[f"layer_{l}"] = export(LayerM(fm, l), (h, cos, sin, pk, pv),
-                                   dynamic_shapes=(None, None, None, {1: S}, {1: S}), strict=False)
-    eps["head"] = export(HeadM(fm), (h,), strict=False)
+        eps[f"layer_{l}"] = exported(LayerMethod(fm, l), "layer")
+    eps["head"] = exported(HeadMethod(fm), "head")
     if verbose:
         print(f"[first-edge] torch.export of {len(eps)} methods: {time.time() - t:.0f}s", file=sys.stderr)
     return eps
@@ -317,9 +325,10 @@ def validate(fm_ref: FirstModel, pte: Path, max_context: int, *, atol: float, n_
     """
     from runtime.et_backend import EtProgram
 
-    from .generate import TorchBackend
+    from .reference import TorchBackend
 
-    prog = EtProgram(pte, n_layers=n_layers, max_context=max_context)
+    dims = model_dims(fm_ref, max_context)
+    prog = EtProgram(pte, dims, graph_io("executorch", dims))
     ref = TorchBackend(fm_ref, max_context=max_context)
     rng = np.random.default_rng(0)
     if prompts is None:
@@ -407,16 +416,15 @@ def build_graphs(fm: FirstModel, out_dir, *, quantize: str = "none", max_context
             print(f"[first-edge] ExecuTorch vs PyTorch{' (same quantized model)' if quantize != 'none' else ''}: "
                   f"max |diff| {check['max_abs_diff']:.2e}, mean cosine {check['mean_cosine']:.5f}, top-1 agreement "
                   f"{check['top1_agreement']:.0%} over {check['checks']} logit vectors", file=sys.stderr)
-    names = io_names(fm.n_layers)
     return {
         "files": [PTE_NAME],
         "format": "executorch",
         "backend": "xnnpack",
         "decode_shape": "split",
+        "decode_shapes": ["split"],
         "methods": {"prefill": "prefill", "embed": "embed", "head": "head",
                     "layers": [f"layer_{l}" for l in range(fm.n_layers)]},
         "constant_methods": sorted(constant_methods(fm, max_context, bos_id, eos_ids)),
-        "io": names,
         "kv_layout": {"buffer": "[max_context, n_kv_heads, head_dim] per layer, sequence-major",
                       "past": "[1, S, n_kv_heads, head_dim]", "present_decode": "[1, 1, n_kv_heads, head_dim]",
                       "present_prefill": "[1, n_kv_heads, T, head_dim]"},

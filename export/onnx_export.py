@@ -36,14 +36,14 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from runtime.errors import FirstEdgeError
+from runtime.graph_io import Dims, TensorSpec, graph_io, kv_names, model_dims
+from runtime.masks import mask_str
 
 OPSET = 17
 MS = "com.microsoft"
 DECODE_SHAPES = ("fused", "split", "both")
 DEFAULT_DECODE_SHAPE = "fused"  # measured faster on the 2-core CPU (docs/onnx.md)
 BLOCK_SIZE = 32
-ASYMMETRIC = False  # True: per-block zero points for MatMulNBits (tried: no measurable quality gain, docs/onnx.md)
-EMBED_MIN_BITS = 0  # e.g. 8: keep the embedding table at >= 8 bits (tried: no measurable quality gain)
 QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
 PARITY_ATOL = 1e-3
 ROUTER_EPS = 1e-6
@@ -51,6 +51,7 @@ F32 = TensorProto.FLOAT
 I64 = TensorProto.INT64
 I32 = TensorProto.INT32
 BOOL = TensorProto.BOOL
+ONNX_DTYPES = {"float32": F32, "int64": I64, "int32": I32, "bool": BOOL}
 
 
 # ------------------------------------------------------------------ weights
@@ -120,22 +121,6 @@ def _blocks(w: np.ndarray, block: int):
     return wp.reshape(N, kb, block).astype(np.float32)
 
 
-def quantize_blockwise_asym(w: np.ndarray, bits: int, block: int = BLOCK_SIZE):
-    """Asymmetric (min/max, per-block zero point) RTN quantization for MatMulNBits.
-
-    Returns (B uint8 [N, k_blocks, blob], scales float32 [N, k_blocks], packed zero points uint8
-    [N, ceil(k_blocks * bits / 8)])."""
-    wb = _blocks(w, block)
-    qmax = 2 ** bits - 1
-    lo = np.minimum(wb.min(axis=2, keepdims=True), 0.0)
-    hi = np.maximum(wb.max(axis=2, keepdims=True), 0.0)
-    scale = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)
-    zp = np.clip(np.rint(-lo / scale), 0, qmax).astype(np.int32)
-    q = np.clip(np.rint(wb / scale) + zp, 0, qmax).astype(np.uint8)
-    return (np.ascontiguousarray(_pack(q, bits)), np.ascontiguousarray(scale[..., 0]),
-            np.ascontiguousarray(_pack(zp[..., 0].astype(np.uint8), bits)))
-
-
 def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK_SIZE):
     """Symmetric round-to-nearest per-block quantization of a torch Linear weight [N, K] for MatMulNBits.
 
@@ -150,7 +135,7 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK_SIZE):
 
 
 # ------------------------------------------------------------------ graph building
-class G:
+class GraphBuilder:
     """A graph under construction: nodes, initializers, unique names."""
 
     def __init__(self, bits: Optional[int] = None):
@@ -180,13 +165,8 @@ class G:
         if self.bits is None:
             y = self.op("MatMul", [x, self.const(prefix + ".weight", np.ascontiguousarray(w.T))], name=prefix)[0]
         else:
-            if ASYMMETRIC:
-                q, s, zp = quantize_blockwise_asym(w, self.bits)
-                ins = [x, self.const(prefix + ".qweight", q), self.const(prefix + ".scales", s),
-                       self.const(prefix + ".zero_points", zp)]
-            else:
-                q, s = quantize_blockwise(w, self.bits)
-                ins = [x, self.const(prefix + ".qweight", q), self.const(prefix + ".scales", s)]
+            q, s = quantize_blockwise(w, self.bits)
+            ins = [x, self.const(prefix + ".qweight", q), self.const(prefix + ".scales", s)]
             y = self.op("MatMulNBits", ins,
                         domain=MS, name=prefix, K=K, N=N, bits=self.bits, block_size=BLOCK_SIZE,
                         accuracy_level=4)[0]
@@ -194,15 +174,15 @@ class G:
             y = self.op("Add", [y, self.const(prefix + ".bias", b)], name=prefix + "/bias")[0]
         return y
 
-    def embed(self, ids: str, W: "Weights", out: Optional[str] = None) -> str:
+    def embed(self, ids: str, weights: "Weights", out: Optional[str] = None) -> str:
         """Token embedding: Gather (fp32) or GatherBlockQuantized (same block format as MatMulNBits)."""
         outs = [out] if out else None
         if self.bits is None:
-            return self.op("Gather", [self.const("embed_tokens.weight", W.embed), ids], name="embed_tokens",
+            return self.op("Gather", [self.const("embed_tokens.weight", weights.embed), ids], name="embed_tokens",
                            outputs=outs)[0]
-        bits = max(self.bits, EMBED_MIN_BITS)
-        q, s = quantize_blockwise(W.embed, bits)
-        return self.op("GatherBlockQuantized", [self.const("embed_tokens.qweight", q.reshape(W.V, -1)), ids,
+        bits = self.bits
+        q, s = quantize_blockwise(weights.embed, bits)
+        return self.op("GatherBlockQuantized", [self.const("embed_tokens.qweight", q.reshape(weights.V, -1)), ids,
                                                 self.const("embed_tokens.scales", s)],
                        domain=MS, name="embed_tokens", outputs=outs, bits=bits, block_size=BLOCK_SIZE,
                        gather_axis=0, quantize_axis=1)[0]
@@ -212,22 +192,22 @@ class G:
                        axis=-1, epsilon=eps, stash_type=1)[0]
 
 
-def _layer_body(g: G, W: Weights, l: int, h: str, pos_ids: str, seqlens: str, total: str,
+def _layer_body(g: GraphBuilder, weights: Weights, l: int, h: str, pos_ids: str, seqlens: str, total: str,
                 past_k: Optional[str], past_v: Optional[str], cos: str, sin: str,
                 present_names: Tuple[str, str]) -> str:
     """One decoder layer (Llama family) with GroupQueryAttention; returns the output hidden name."""
-    p = W.layers[l]
+    p = weights.layers[l]
     pre = f"layers.{l}"
-    x = g.rmsnorm(h, p["ln1"], W.eps, pre + ".input_layernorm")
+    x = g.rmsnorm(h, p["ln1"], weights.eps, pre + ".input_layernorm")
     qkv = g.linear(x, *p["qkv"], pre + ".attn.qkv_proj")
     att = g.op("GroupQueryAttention",
                [qkv, "", "", past_k or "", past_v or "", seqlens, total, cos, sin, pos_ids],
                domain=MS, name=pre + ".attn.gqa",
                outputs=[g.name(pre + ".attn.out"), present_names[0], present_names[1]],
-               num_heads=W.H, kv_num_heads=W.KV, do_rotary=1, rotary_interleaved=0, scale=W.scaling)[0]
+               num_heads=weights.H, kv_num_heads=weights.KV, do_rotary=1, rotary_interleaved=0, scale=weights.scaling)[0]
     o = g.linear(att, *p["o"], pre + ".attn.o_proj")
     x2, _, _, h1 = g.op("SkipSimplifiedLayerNormalization", [o, h, g.const(pre + ".post_attention_layernorm.weight", p["ln2"])],
-                        n_out=4, domain=MS, name=pre + ".post_attention_layernorm", epsilon=W.eps)
+                        n_out=4, domain=MS, name=pre + ".post_attention_layernorm", epsilon=weights.eps)
     gate = g.linear(x2, *p["gate"], pre + ".mlp.gate_proj")
     up = g.linear(x2, *p["up"], pre + ".mlp.up_proj")
     act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=pre + ".mlp.sigmoid")[0]], name=pre + ".mlp.silu")[0]
@@ -235,27 +215,27 @@ def _layer_body(g: G, W: Weights, l: int, h: str, pos_ids: str, seqlens: str, to
     return g.op("Add", [h1, y], name=pre + ".residual")[0]
 
 
-def _head(g: G, W: Weights, h2d: str, out: str):
+def _head(g: GraphBuilder, weights: Weights, h2d: str, out: str):
     """logits [1, V] from the last hidden state [1, D]."""
-    x = g.rmsnorm(h2d, W.norm, W.eps, "norm")
-    if g.bits is None and W.tied:
+    x = g.rmsnorm(h2d, weights.norm, weights.eps, "norm")
+    if g.bits is None and weights.tied:
         # tied embeddings: the same initializer feeds the Gather and the LM head (Gemm with transB)
         emb = "embed_tokens.weight"
         if not any(t.name == emb for t in g.inits):
-            g.const(emb, W.embed)
+            g.const(emb, weights.embed)
         g.op("Gemm", [x, emb], name="lm_head", outputs=[out], transB=1)
     elif g.bits is None:
-        g.op("MatMul", [x, g.const("lm_head.weight", np.ascontiguousarray(W.lm_head.T))], name="lm_head", outputs=[out])
+        g.op("MatMul", [x, g.const("lm_head.weight", np.ascontiguousarray(weights.lm_head.T))], name="lm_head", outputs=[out])
     else:
-        y = g.linear(x, W.lm_head, None, "lm_head")
+        y = g.linear(x, weights.lm_head, None, "lm_head")
         g.op("Identity", [y], name="lm_head/out", outputs=[out])
 
 
-def _rope_inits(g: G, W: Weights):
-    return g.const("rope.cos_cache", W.cos), g.const("rope.sin_cache", W.sin)
+def _rope_inits(g: GraphBuilder, weights: Weights):
+    return g.const("rope.cos_cache", weights.cos), g.const("rope.sin_cache", weights.sin)
 
 
-def _model(g: G, name: str, inputs, outputs) -> onnx.ModelProto:
+def _model(g: GraphBuilder, name: str, inputs, outputs) -> onnx.ModelProto:
     graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                           producer_name="first-edge")
@@ -263,13 +243,20 @@ def _model(g: G, name: str, inputs, outputs) -> onnx.ModelProto:
     return m
 
 
-def kv_names(l: int):
-    return (f"past_key_values.{l}.key", f"past_key_values.{l}.value", f"present.{l}.key", f"present.{l}.value")
+def value_infos(specs: Sequence[TensorSpec], l: Optional[int] = None) -> List[onnx.ValueInfoProto]:
+    """ONNX value infos of a graph's inputs or outputs from the I/O contract (runtime/graph_io.py);
+    ``l`` fills the ``{l}`` of a ``layer`` entry."""
+    return [helper.make_tensor_value_info(s.name if l is None else s.name.replace("{l}", str(l)),
+                                          ONNX_DTYPES[s.dtype], list(s.shape)) for s in specs]
 
 
-def build_prefill(W: Weights, bits: Optional[int]) -> onnx.ModelProto:
-    g = G(bits)
-    cos, sin = _rope_inits(g, W)
+def contract(weights: "Weights", decode_shapes=("fused", "split")) -> dict:
+    return graph_io("onnxruntime", Dims(weights.L, weights.D, weights.KV, weights.hd, weights.V, weights.max_context), decode_shapes)
+
+
+def build_prefill(weights: Weights, bits: Optional[int]) -> onnx.ModelProto:
+    g = GraphBuilder(bits)
+    cos, sin = _rope_inits(g, weights)
     T = g.op("Shape", ["input_ids"], name="seq_len", start=1, end=2)[0]  # [1] int64
     T32 = g.op("Cast", [T], name="seq_len_i32", to=I32)[0]
     seqlens = g.op("Sub", [T32, g.const("one_i32", np.array([1], np.int32))], name="seqlens_k")[0]
@@ -278,21 +265,20 @@ def build_prefill(W: Weights, bits: Optional[int]) -> onnx.ModelProto:
                          g.const("one_i64", np.array(1, np.int64))], name="positions")[0]
     pos_ids = g.op("Unsqueeze", [pos, g.const("axes0", np.array([0], np.int64))], name="position_ids")[0]
     # router scores pool the positions [min(P, T - 1), T) (DESIGN.md section 1; P baked in)
-    pool_start = g.op("Min", [g.const("router.pool_start", np.array([W.pool_start], np.int64)),
+    pool_start = g.op("Min", [g.const("router.pool_start", np.array([weights.pool_start], np.int64)),
                               g.op("Sub", [T, g.const("one_i64_1", np.array([1], np.int64))], name="last_pos")[0]],
                       name="router.pool_from")[0]  # [1] int64
     pool_end = g.const("router.pool_end", np.array([np.iinfo(np.int64).max], np.int64))
     pool_axes = g.const("router.pool_axes", np.array([1], np.int64))
-    h = g.embed("input_ids", W)
-    ones_d = g.const("router.norm_ones", np.ones(W.D, np.float32))
+    h = g.embed("input_ids", weights)
+    ones_d = g.const("router.norm_ones", np.ones(weights.D, np.float32))
     scores = []
-    outs = []
-    for l in range(W.L):
-        r = W.routers[l]
+    for l in range(weights.L):
+        r = weights.routers[l]
         rp = f"routers.{l}"
         xn = g.op("SimplifiedLayerNormalization", [h, ones_d], name=rp + ".norm", axis=-1, epsilon=ROUTER_EPS,
                   stash_type=1)[0]
-        z = g.op("Gemm" if False else "MatMul", [xn, g.const(rp + ".fc1.weight", np.ascontiguousarray(r["fc1"][0].T))],
+        z = g.op("MatMul", [xn, g.const(rp + ".fc1.weight", np.ascontiguousarray(r["fc1"][0].T))],
                  name=rp + ".fc1")[0]
         z = g.op("Add", [z, g.const(rp + ".fc1.bias", r["fc1"][1])], name=rp + ".fc1/bias")[0]
         z = g.op("Mul", [z, g.op("Sigmoid", [z], name=rp + ".sig1")[0]], name=rp + ".silu")[0]
@@ -302,51 +288,35 @@ def build_prefill(W: Weights, bits: Optional[int]) -> onnx.ModelProto:
         pooled = g.op("Slice", [pr, pool_start, pool_end, pool_axes], name=rp + ".pooled")[0]  # [1, T - start, 1]
         scores.append(g.op("ReduceMean", [pooled], name=rp + ".mean", keepdims=0)[0])  # scalar
         _, _, pk, pv = kv_names(l)
-        h = _layer_body(g, W, l, h, pos_ids, seqlens, total, None, None, cos, sin, (pk, pv))
-        outs += [pk, pv]
+        h = _layer_body(g, weights, l, h, pos_ids, seqlens, total, None, None, cos, sin, (pk, pv))
     g.op("Concat", [g.op("Unsqueeze", [s, g.const(f"axes0_{i}", np.array([0], np.int64))], name=f"score_{i}")[0]
                     for i, s in enumerate(scores)], name="router_scores", outputs=["router_scores"], axis=0)
     ge = g.op("GreaterOrEqual", ["router_scores", "threshold"], name="threshold_mask")[0]
-    g.op("Or", [ge, g.const("pinned_mask", W.pinned)], name="layer_mask", outputs=["layer_mask"])
+    g.op("Or", [ge, g.const("pinned_mask", weights.pinned)], name="layer_mask", outputs=["layer_mask"])
     last = g.op("Gather", [h, g.const("last_idx", np.array(-1, np.int64))], name="last_position", axis=1)[0]
-    last = g.op("Reshape", [last, g.const("shape_1xD", np.array([1, W.D], np.int64))], name="last_hidden")[0]
-    _head(g, W, last, "logits")
-    kv = [helper.make_tensor_value_info(n, F32, [1, W.KV, "T", W.hd]) for n in outs]
-    return _model(g, "first_prefill",
-                  [helper.make_tensor_value_info("input_ids", I64, [1, "T"]),
-                   helper.make_tensor_value_info("threshold", F32, [1])],
-                  [helper.make_tensor_value_info("logits", F32, [1, W.V]),
-                   helper.make_tensor_value_info("router_scores", F32, [W.L]),
-                   helper.make_tensor_value_info("layer_mask", BOOL, [W.L])] + kv)
+    last = g.op("Reshape", [last, g.const("shape_1xD", np.array([1, weights.D], np.int64))], name="last_hidden")[0]
+    _head(g, weights, last, "logits")
+    io = contract(weights)["prefill"]
+    return _model(g, "first_prefill", value_infos(io["inputs"]), value_infos(io["outputs"]))
 
 
-def _kv_info(W: Weights, name: str):
-    return helper.make_tensor_value_info(name, F32, [1, W.KV, W.max_context, W.hd])
-
-
-def build_decode_fused(W: Weights, bits: Optional[int]) -> onnx.ModelProto:
+def build_decode_fused(weights: Weights, bits: Optional[int]) -> onnx.ModelProto:
     """One graph; layer l sits in the then-branch of an ``If`` on layer_mask[l]."""
-    g = G(bits)
-    cos, sin = _rope_inits(g, W)
+    g = GraphBuilder(bits)
+    cos, sin = _rope_inits(g, weights)
     pos_ids = g.op("Reshape", ["position", g.const("shape_1x1", np.array([1, 1], np.int64))], name="position_ids")[0]
     one = g.const("one_i32", np.array([1], np.int32))
-    h = g.embed("input_ids", W)
-    ins = [helper.make_tensor_value_info("input_ids", I64, [1, 1]),
-           helper.make_tensor_value_info("position", I64, [1]),
-           helper.make_tensor_value_info("layer_mask", BOOL, [W.L]),
-           helper.make_tensor_value_info("past_lengths", I32, [W.L])]
-    outs = []
-    for l in range(W.L):
+    h = g.embed("input_ids", weights)
+    for l in range(weights.L):
         pk, pv, prk, prv = kv_names(l)
-        ins += [_kv_info(W, pk), _kv_info(W, pv)]
         idx = g.const(f"layer_idx_{l}", np.array(l, np.int64))
         cond = g.op("Gather", ["layer_mask", idx], name=f"layers.{l}.keep")[0]
         seqlens = g.op("Gather", ["past_lengths", g.const(f"layer_idx1_{l}", np.array([l], np.int64))],
                        name=f"layers.{l}.seqlens_k")[0]
         total = g.op("Squeeze", [g.op("Add", [seqlens, one], name=f"layers.{l}.total1")[0]], name=f"layers.{l}.total")[0]
         # then: run the layer (its weights live inside the branch, so ONNX Runtime prepacks them normally)
-        tg = G(bits)
-        t_out = _layer_body(tg, W, l, h, pos_ids, seqlens, total, pk, pv, cos, sin, (f"then{l}/k", f"then{l}/v"))
+        tg = GraphBuilder(bits)
+        t_out = _layer_body(tg, weights, l, h, pos_ids, seqlens, total, pk, pv, cos, sin, (f"then{l}/k", f"then{l}/v"))
         tg.op("Identity", [t_out], name=f"layers.{l}.h_out", outputs=[f"then{l}/h"])
         then_g = helper.make_graph(tg.nodes, f"layer_{l}_run", [], [
             helper.make_tensor_value_info(f"then{l}/h", F32, None),
@@ -354,7 +324,7 @@ def build_decode_fused(W: Weights, bits: Optional[int]) -> onnx.ModelProto:
             helper.make_tensor_value_info(f"then{l}/v", F32, None)], initializer=tg.inits)
         # else: pass the hidden state through; the KV buffers are handed back untouched (Identity on the
         # same buffer copies nothing when the output is bound to it)
-        eg = G()
+        eg = GraphBuilder()
         eg.op("Identity", [h], name=f"layers.{l}.skip_h", outputs=[f"else{l}/h"])
         eg.op("Identity", [pk], name=f"layers.{l}.skip_k", outputs=[f"else{l}/k"])
         eg.op("Identity", [pv], name=f"layers.{l}.skip_v", outputs=[f"else{l}/v"])
@@ -366,40 +336,34 @@ def build_decode_fused(W: Weights, bits: Optional[int]) -> onnx.ModelProto:
         g.nodes.append(helper.make_node("If", [cond], [h_new, prk, prv], name=f"layers.{l}.if",
                                         then_branch=then_g, else_branch=else_g))
         h = h_new
-        outs += [_kv_info(W, prk), _kv_info(W, prv)]
-    h2 = g.op("Reshape", [h, g.const("shape_1xD", np.array([1, W.D], np.int64))], name="last_hidden")[0]
-    _head(g, W, h2, "logits")
-    return _model(g, "first_decode_fused", ins, [helper.make_tensor_value_info("logits", F32, [1, W.V])] + outs)
+    h2 = g.op("Reshape", [h, g.const("shape_1xD", np.array([1, weights.D], np.int64))], name="last_hidden")[0]
+    _head(g, weights, h2, "logits")
+    io = contract(weights)["decode"]
+    return _model(g, "first_decode_fused", value_infos(io["inputs"]), value_infos(io["outputs"]))
 
 
-def build_split(W: Weights, bits: Optional[int]) -> Dict[str, onnx.ModelProto]:
+def build_split(weights: Weights, bits: Optional[int]) -> Dict[str, onnx.ModelProto]:
     """embed, layer_{l}, head graphs; the runtime calls only the kept layers."""
     res = {}
-    g = G(bits)
-    g.embed("input_ids", W, out="hidden_states")
-    res["embed"] = _model(g, "first_embed", [helper.make_tensor_value_info("input_ids", I64, [1, 1])],
-                          [helper.make_tensor_value_info("hidden_states", F32, [1, 1, W.D])])
-    for l in range(W.L):
-        g = G(bits)
-        cos, sin = _rope_inits(g, W)
+    io = contract(weights)
+    g = GraphBuilder(bits)
+    g.embed("input_ids", weights, out="hidden_states")
+    res["embed"] = _model(g, "first_embed", value_infos(io["embed"]["inputs"]), value_infos(io["embed"]["outputs"]))
+    for l in range(weights.L):
+        g = GraphBuilder(bits)
+        cos, sin = _rope_inits(g, weights)
         pos_ids = g.op("Reshape", ["position", g.const("shape_1x1", np.array([1, 1], np.int64))], name="position_ids")[0]
         total = g.op("Squeeze", [g.op("Add", ["past_length", g.const("one_i32", np.array([1], np.int32))],
                                       name="total1")[0]], name="total")[0]
         pk, pv, prk, prv = kv_names(l)
-        out = _layer_body(g, W, l, "hidden_states", pos_ids, "past_length", total, pk, pv, cos, sin, (prk, prv))
+        out = _layer_body(g, weights, l, "hidden_states", pos_ids, "past_length", total, pk, pv, cos, sin, (prk, prv))
         g.op("Identity", [out], name="h_out", outputs=["hidden_states_out"])
-        res[f"layer_{l}"] = _model(g, f"first_layer_{l}", [
-            helper.make_tensor_value_info("hidden_states", F32, [1, 1, W.D]),
-            helper.make_tensor_value_info("position", I64, [1]),
-            helper.make_tensor_value_info("past_length", I32, [1]),
-            _kv_info(W, pk), _kv_info(W, pv)], [
-            helper.make_tensor_value_info("hidden_states_out", F32, [1, 1, W.D]),
-            _kv_info(W, prk), _kv_info(W, prv)])
-    g = G(bits)
-    h2 = g.op("Reshape", ["hidden_states", g.const("shape_1xD", np.array([1, W.D], np.int64))], name="last_hidden")[0]
-    _head(g, W, h2, "logits")
-    res["head"] = _model(g, "first_head", [helper.make_tensor_value_info("hidden_states", F32, [1, 1, W.D])],
-                         [helper.make_tensor_value_info("logits", F32, [1, W.V])])
+        res[f"layer_{l}"] = _model(g, f"first_layer_{l}", value_infos(io["layer"]["inputs"], l),
+                                   value_infos(io["layer"]["outputs"], l))
+    g = GraphBuilder(bits)
+    h2 = g.op("Reshape", ["hidden_states", g.const("shape_1xD", np.array([1, weights.D], np.int64))], name="last_hidden")[0]
+    _head(g, weights, h2, "logits")
+    res["head"] = _model(g, "first_head", value_infos(io["head"]["inputs"]), value_infos(io["head"]["outputs"]))
     return res
 
 
@@ -419,7 +383,7 @@ def save(model: onnx.ModelProto, path: Path) -> List[str]:
 # ------------------------------------------------------------------ validation
 def validate(fm, out_dir: Path, graphs: dict, max_context: int, bits: Optional[int], verbose: bool = True):
     """Check the written graphs against the PyTorch reference (Optimum-style export validation)."""
-    from export.generate import TorchBackend
+    from export.reference import TorchBackend
     from runtime.ort_backend import OrtBackend
     from runtime.loop import SamplingConfig, generate
 
@@ -436,7 +400,7 @@ def validate(fm, out_dir: Path, graphs: dict, max_context: int, bits: Optional[i
     fm_thr = fm.threshold
     problems = []
     for shape in shapes:
-        be = OrtBackend.from_dir(out_dir, graphs, dims=(L, fm.n_kv_heads, fm.head_dim, fm.vocab_size, max_context),
+        be = OrtBackend.from_dir(out_dir, graphs, dims=model_dims(fm, max_context),
                                  decode_shape=shape)
         for mask in (np.ones(L, bool), mixed):
             ref = generate(TorchBackend(fm, max_context), ids, cfg, mask=mask, keep_logits=True, default_threshold=fm_thr)
@@ -448,7 +412,7 @@ def validate(fm, out_dir: Path, graphs: dict, max_context: int, bits: Optional[i
                 if not np.allclose(ref.scores, got.scores, atol=1e-4):
                     problems.append(f"{shape}: router scores differ by {np.abs(ref.scores - got.scores).max():.2e}")
                 if err > PARITY_ATOL * max(1.0, float(np.abs(a).max()) / 10):
-                    problems.append(f"{shape} decode, mask {''.join('1' if m else '0' for m in mask)}: "
+                    problems.append(f"{shape} decode, mask {mask_str(mask)}: "
                                     f"logits differ by {err:.2e} (> {PARITY_ATOL})")
             else:
                 # greedy paths may diverge after the first token: compare the prefill logits
@@ -459,7 +423,7 @@ def validate(fm, out_dir: Path, graphs: dict, max_context: int, bits: Optional[i
                 if not np.isfinite(b).all() or cos < 0.8:
                     problems.append(f"{shape} int{bits}: logits far from fp32 (cosine {cos:.3f})")
             if verbose:
-                print(f"[first-edge] validate {shape} mask={''.join('1' if m else '0' for m in mask)}: "
+                print(f"[first-edge] validate {shape} mask={mask_str(mask)}: "
                       f"max |logits diff| {err:.2e}", file=sys.stderr)
         # the graph's own threshold mask equals the reference mask rule
         _, g_ort, m_ort = be.prefill(ids, fm_thr)
@@ -496,17 +460,17 @@ def build_graphs(fm, out_dir, *, quantize: str = "none", max_context: int = 1024
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    W = Weights(fm, max_context)
+    weights = Weights(fm, max_context)
     files: List[str] = []
-    files += save(build_prefill(W, bits), out / "prefill.onnx")
+    files += save(build_prefill(weights, bits), out / "prefill.onnx")
     graphs = {"prefill": "prefill.onnx"}
     if decode_shape in ("fused", "both"):
-        files += save(build_decode_fused(W, bits), out / "decode.onnx")
+        files += save(build_decode_fused(weights, bits), out / "decode.onnx")
         graphs["decode"] = "decode.onnx"
     if decode_shape in ("split", "both"):
-        for name, m in build_split(W, bits).items():
+        for name, m in build_split(weights, bits).items():
             files += save(m, out / f"{name}.onnx")
-        graphs["split"] = {"embed": "embed.onnx", "layers": [f"layer_{l}.onnx" for l in range(W.L)],
+        graphs["split"] = {"embed": "embed.onnx", "layers": [f"layer_{l}.onnx" for l in range(weights.L)],
                            "head": "head.onnx"}
     res = {
         "files": files,
@@ -515,21 +479,9 @@ def build_graphs(fm, out_dir, *, quantize: str = "none", max_context: int = 1024
         **graphs,
         "kv_layout": "BNSH",
         "kv_cache": "shared_buffer",  # past_key_values.{l}.* and present.{l}.* are one max_context buffer
-        "inputs": {
-            "prefill": ["input_ids", "threshold"],
-            "decode": ["input_ids", "position", "layer_mask", "past_lengths", "past_key_values.{l}.key",
-                       "past_key_values.{l}.value"],
-            "layer": ["hidden_states", "position", "past_length", "past_key_values.{l}.key",
-                      "past_key_values.{l}.value"],
-        },
-        "outputs": {
-            "prefill": ["logits", "router_scores", "layer_mask", "present.{l}.key", "present.{l}.value"],
-            "decode": ["logits", "present.{l}.key", "present.{l}.value"],
-            "layer": ["hidden_states_out", "present.{l}.key", "present.{l}.value"],
-        },
         "opset": OPSET,
         "weights": "float32" if bits is None else f"MatMulNBits int{bits} block {BLOCK_SIZE} symmetric, "
-                                                  f"accuracy_level 4; embeddings GatherBlockQuantized int{max(bits, EMBED_MIN_BITS)}",
+                                                  f"accuracy_level 4; embeddings GatherBlockQuantized int{bits}",
         "dtype": "float32",
     }
     if verbose:

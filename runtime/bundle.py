@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from .errors import FirstEdgeError
+from .masks import pinned_array
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: graphs.io, the one I/O schema of every graph (runtime/graph_io.py)
 MANIFEST = "manifest.json"
 TOOL_VERSION = "first-edge 0.1.0"
 RUNTIMES = ("onnxruntime", "executorch")
@@ -91,9 +92,13 @@ class Bundle:
             ps = routing["pool_start"]
             if isinstance(ps, bool) or not isinstance(ps, int) or ps < 0:
                 raise FirstEdgeError(f"manifest routing.pool_start must be a non-negative integer, got {ps!r}")
-        for p in routing.get("pinned", []):
-            if not 0 <= int(p) < model["n_layers"]:
-                raise FirstEdgeError(f"manifest pins layer {p}, outside 0..{model['n_layers'] - 1}")
+        pinned = routing.get("pinned", [])
+        if not isinstance(pinned, list) or any(isinstance(p, bool) or not isinstance(p, int) for p in pinned):
+            raise FirstEdgeError(f"manifest routing.pinned must be a list of layer indices, got {pinned!r}")
+        try:
+            pinned_array(model["n_layers"], pinned)  # the one pinned-layer rule (runtime/masks.py)
+        except FirstEdgeError as e:
+            raise FirstEdgeError(f"manifest routing.pinned: {e}") from None
         files = m.get("files")
         if not isinstance(files, dict) or not files:
             raise FirstEdgeError("manifest lists no files")

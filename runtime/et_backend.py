@@ -21,7 +21,8 @@ from typing import Optional
 import numpy as np
 
 from .bundle import Bundle
-from .errors import FirstEdgeError
+from .errors import FirstEdgeError, first_line
+from .graph_io import Dims, check_io, index
 from .masks import check_mask
 
 _RT = None
@@ -47,19 +48,25 @@ def _runtime(threads: Optional[int] = None):
     return rt, th
 
 
-class EtProgram:
-    """The .pte's methods plus runtime-owned per-layer KV buffers; counts decode layer calls."""
+SCALAR_TYPES = {"int32": 3, "int64": 4, "float32": 6, "bool": 11}  # ExecuTorch ScalarType codes
 
-    def __init__(self, pte, n_layers: int, max_context: int, threads: Optional[int] = None,
-                 n_kv_heads: Optional[int] = None, head_dim: Optional[int] = None, methods: Optional[dict] = None,
-                 vocab_size: Optional[int] = None):
+
+class EtProgram:
+    """The .pte's methods plus runtime-owned per-layer KV buffers; counts decode layer calls.
+
+    ``io`` is the graph I/O contract (runtime/graph_io.py; from the manifest's ``graphs.io``): every method's
+    signature is checked against it when loading, and arguments and results are placed by name from it."""
+
+    def __init__(self, pte, dims: Dims, io: dict, threads: Optional[int] = None, methods: Optional[dict] = None):
         rt, th = _runtime(threads)
         self.th = th
-        self.n_layers, self.max_context = int(n_layers), int(max_context)
+        self.io = io
+        self.n_layers, self.max_context = dims.n_layers, dims.max_context
+        self.n_kv, self.hd, self.vocab_size = dims.n_kv_heads, dims.head_dim, dims.vocab_size
         try:
             self.program = rt.load_program(Path(pte))
         except Exception as e:  # noqa: BLE001
-            raise FirstEdgeError(f"ExecuTorch cannot load {pte}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+            raise FirstEdgeError(f"ExecuTorch cannot load {pte}: {first_line(e, 200)}") from None
         m = methods or {"prefill": "prefill", "embed": "embed", "head": "head",
                         "layers": [f"layer_{l}" for l in range(self.n_layers)]}
         have = set(self.program.method_names)
@@ -69,28 +76,24 @@ class EtProgram:
             raise FirstEdgeError(f"model.pte lacks the method(s) {', '.join(missing[:5])} named in the manifest")
         if len(m["layers"]) != self.n_layers:
             raise FirstEdgeError(f"manifest lists {len(m['layers'])} layer methods for {self.n_layers} layers")
-        consts = self._const("get_n_layers"), self._const("get_max_context_len")
-        if consts[0] is not None and consts[0] != self.n_layers:
-            raise FirstEdgeError(f"model.pte has {consts[0]} layers, the manifest says {self.n_layers}")
-        if consts[1] is not None and consts[1] != self.max_context:
-            raise FirstEdgeError(f"model.pte was built for max_context {consts[1]}, the manifest says {self.max_context}")
+        for const, want in (("get_n_layers", self.n_layers), ("get_max_context_len", self.max_context),
+                            ("get_vocab_size", self.vocab_size)):
+            got = self._const(const)
+            if got is not None and got != want:
+                raise FirstEdgeError(f"model.pte says {const} = {got}, the manifest says {want} "
+                                     f"(bundle dims do not match the graphs)")
         load = self.program.load_method
-        self.prefill_m = load(m["prefill"])
-        self.embed_m = load(m["embed"])
-        self.head_m = load(m["head"])
-        self.layer_m = [load(n) for n in m["layers"]]
-        # dims from the graph itself (layer input 3 = past key [1, S, n_kv, hd])
-        meta = self.layer_m[0].metadata.input_tensor_meta(3)
-        nkv, hd = int(meta.sizes()[2]), int(meta.sizes()[3])
-        if (n_kv_heads and nkv != n_kv_heads) or (head_dim and hd != head_dim):
-            raise FirstEdgeError(f"model.pte K/V are [{nkv} heads, {hd}] but the manifest says "
-                                 f"[{n_kv_heads}, {head_dim}]")
-        self.n_kv, self.hd = nkv, hd
-        vmeta = self.head_m.metadata.output_tensor_meta(0)
-        self.vocab_size = int(vmeta.sizes()[-1])
-        if vocab_size and vocab_size != self.vocab_size:
-            raise FirstEdgeError(f"model.pte has a vocabulary of {self.vocab_size}, the manifest says {vocab_size}")
-        shape = (self.max_context, nkv, hd)
+        self.prefill_m = self._checked(load(m["prefill"]), "prefill", m["prefill"])
+        self.embed_m = self._checked(load(m["embed"]), "embed", m["embed"])
+        self.head_m = self._checked(load(m["head"]), "head", m["head"])
+        self.layer_m = [self._checked(load(n), "layer", n) for n in m["layers"]]
+        # where each argument goes and each result comes from, by name
+        self._pre_in = index(io["prefill"]["inputs"])
+        self._pre_out = index(io["prefill"]["outputs"])
+        self._emb_in, self._emb_out = index(io["embed"]["inputs"]), index(io["embed"]["outputs"])
+        self._lay_in, self._lay_out = index(io["layer"]["inputs"]), index(io["layer"]["outputs"])
+        self._head_in, self._head_out = index(io["head"]["inputs"]), index(io["head"]["outputs"])
+        shape = (self.max_context, self.n_kv, self.hd)
         self.k = [np.zeros(shape, np.float32) for _ in range(self.n_layers)]
         self.v = [np.zeros(shape, np.float32) for _ in range(self.n_layers)]
         self.kt = [th.from_numpy(b) for b in self.k]  # torch views of the same memory (no copy)
@@ -101,6 +104,24 @@ class EtProgram:
         self._tok = th.zeros((1, 1), dtype=th.int64)
         self._pos = th.zeros((1,), dtype=th.int64)
 
+    def _checked(self, method, graph: str, name: str):
+        """``method``'s inputs and outputs have the count, dtypes and fixed sizes the I/O contract declares."""
+        meta = method.metadata
+        for side, n, tensor_meta in (("inputs", meta.num_inputs(), meta.input_tensor_meta),
+                                     ("outputs", meta.num_outputs(), meta.output_tensor_meta)):
+            specs = self.io[graph][side]
+            if n != len(specs):
+                raise FirstEdgeError(f"bundle dims do not match the graphs: method {name} has {n} {side}, the "
+                                     f"manifest declares {len(specs)} (n_layers={self.n_layers})")
+            for i, spec in enumerate(specs):
+                tm = tensor_meta(i)
+                sizes = [int(x) for x in tm.sizes()]
+                if int(tm.dtype()) != SCALAR_TYPES[spec.dtype] or len(sizes) != len(spec.shape) or any(
+                        isinstance(d, int) and d != s for d, s in zip(spec.shape, sizes)):
+                    raise FirstEdgeError(f"bundle dims do not match the graphs: method {name} {side[:-1]} {spec.name} "
+                                         f"is {sizes}, the manifest says {spec.dtype} {list(spec.shape)}")
+        return method
+
     def _const(self, name):
         if name not in self.program.method_names:
             return None
@@ -110,6 +131,13 @@ class EtProgram:
         except Exception:  # noqa: BLE001
             return None
 
+    @staticmethod
+    def _args(pos: dict, **values) -> list:
+        args = [None] * len(pos)
+        for name, v in values.items():
+            args[pos[name]] = v
+        return args
+
     def prefill(self, input_ids: np.ndarray, threshold: float):
         th = self.th
         ids = np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64).reshape(1, -1))
@@ -118,17 +146,19 @@ class EtProgram:
             raise FirstEdgeError(f"prompt of {T} tokens does not fit the context of {self.max_context}")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise FirstEdgeError(f"token ids must be in 0..{self.vocab_size - 1}")
-        out = self.prefill_m.execute([th.from_numpy(ids), th.tensor([float(threshold)], dtype=th.float32)])
+        out = self.prefill_m.execute(self._args(self._pre_in, input_ids=th.from_numpy(ids),
+                                                threshold=th.tensor([float(threshold)], dtype=th.float32)))
         self.method_calls["prefill"] += 1
-        L = self.n_layers
-        for l in range(L):
+        o = self._pre_out
+        for l in range(self.n_layers):
             # present [1, n_kv, T, hd] -> sequence-major buffer rows 0..T-1 (once per prompt)
-            self.k[l][:T] = out[3 + 2 * l].numpy()[0].transpose(1, 0, 2)
-            self.v[l][:T] = out[4 + 2 * l].numpy()[0].transpose(1, 0, 2)
+            self.k[l][:T] = out[o[f"present.{l}.key"]].numpy()[0].transpose(1, 0, 2)
+            self.v[l][:T] = out[o[f"present.{l}.value"]].numpy()[0].transpose(1, 0, 2)
             self.lengths[l] = T
         self.layer_calls.clear()
-        logits = out[0].numpy().reshape(-1).astype(np.float32, copy=True)
-        return logits, out[1].numpy().astype(np.float32, copy=True), out[2].numpy().astype(bool, copy=True)
+        logits = out[o["logits"]].numpy().reshape(-1).astype(np.float32, copy=True)
+        return (logits, out[o["router_scores"]].numpy().astype(np.float32, copy=True),
+                out[o["layer_mask"]].numpy().astype(bool, copy=True))
 
     def decode(self, token: int, position: int, mask: np.ndarray) -> np.ndarray:
         if not 0 <= position < self.max_context:
@@ -137,15 +167,22 @@ class EtProgram:
             raise FirstEdgeError(f"token id {token} is outside the vocabulary (0..{self.vocab_size - 1})")
         self._tok[0, 0] = int(token)
         self._pos[0] = int(position)
-        h, cos, sin = self.embed_m.execute([self._tok, self._pos])
+        e = self.embed_m.execute(self._args(self._emb_in, input_ids=self._tok, position=self._pos))
+        eo, li, lo = self._emb_out, self._lay_in, self._lay_out
+        h, cos, sin = e[eo["hidden_states"]], e[eo["cos"]], e[eo["sin"]]
+        args = [None] * len(li)
+        args[li["cos"]], args[li["sin"]] = cos, sin
+        pk, pv, ph = li["past_key_values.{l}.key"], li["past_key_values.{l}.value"], li["hidden_states"]
         for l in np.flatnonzero(mask):
             n = self.lengths[l]
-            h, k, v = self.layer_m[l].execute([h, cos, sin, self.kt[l][None, :n], self.vt[l][None, :n]])
-            self.k[l][n] = k.numpy().reshape(self.n_kv, self.hd)  # in place, one entry
-            self.v[l][n] = v.numpy().reshape(self.n_kv, self.hd)
+            args[ph], args[pk], args[pv] = h, self.kt[l][None, :n], self.vt[l][None, :n]
+            r = self.layer_m[l].execute(args)
+            h = r[lo["hidden_states_out"]]
+            self.k[l][n] = r[lo["present.{l}.key"]].numpy().reshape(self.n_kv, self.hd)  # in place, one entry
+            self.v[l][n] = r[lo["present.{l}.value"]].numpy().reshape(self.n_kv, self.hd)
             self.lengths[l] = n + 1
             self.layer_calls[int(l)] += 1
-        logits = self.head_m.execute([h])[0]
+        logits = self.head_m.execute(self._args(self._head_in, hidden_states=h))[self._head_out["logits"]]
         return logits.numpy().reshape(-1)
 
 
@@ -161,12 +198,11 @@ class EtBackend:
         files = g.get("files") or []
         if not files:
             raise FirstEdgeError("manifest lists no graph file for the ExecuTorch bundle")
-        model = bundle.model
+        dims = Dims.from_model(bundle.model)
+        io = check_io(g.get("io"), "executorch", dims, ["split"])
         self.n_layers = bundle.n_layers
         self.max_context = bundle.max_context
-        self.prog = EtProgram(bundle.file(files[0]), n_layers=self.n_layers, max_context=self.max_context,
-                              threads=threads, n_kv_heads=model.get("n_kv_heads"), head_dim=model.get("head_dim"),
-                              methods=g.get("methods"), vocab_size=model.get("vocab_size"))
+        self.prog = EtProgram(bundle.file(files[0]), dims, io, threads=threads, methods=g.get("methods"))
 
     @property
     def layer_calls(self):

@@ -14,13 +14,13 @@ Decode shapes (manifest ``graphs.decode_shape``):
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional
 
 import numpy as np
 
-from .errors import FirstEdgeError
+from .errors import FirstEdgeError, first_line
+from .graph_io import Dims, check_io, graph_io, layer_names
 from .masks import check_mask
 
 F32 = np.float32
@@ -42,9 +42,12 @@ def _use_global_pool(ort, threads: int) -> bool:
     return _GLOBAL_POOL["threads"] > 0
 
 
-def _first_line(e: Exception) -> str:
-    s = str(e).strip().splitlines()
-    return (s[0] if s else type(e).__name__)[:300]
+ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "int32": "tensor(int32)", "bool": "tensor(bool)"}
+
+
+def _shapes(graphs: dict) -> List[str]:
+    """The decode shapes a bundle's graphs section holds."""
+    return list(graphs.get("decode_shapes") or [graphs.get("decode_shape", "fused")])
 
 
 def session_options(threads: int = 2):
@@ -71,30 +74,34 @@ class OrtBackend:
         if opts:
             raise FirstEdgeError(f"unknown ONNX Runtime backend option(s): {', '.join(sorted(opts))} "
                                  f"(known: decode_shape=fused|split, profile=DIR)")
-        m = bundle.model
-        dims = (m["n_layers"], m["n_kv_heads"], m["head_dim"], m["vocab_size"], m["max_context"])
-        self._init(bundle.path, bundle.graphs, dims, threads=int(threads), decode_shape=decode_shape, profile=profile)
+        dims = Dims.from_model(bundle.model)
+        graphs = bundle.graphs
+        io = check_io(graphs.get("io"), "onnxruntime", dims, _shapes(graphs))
+        self._init(bundle.path, graphs, dims, io, threads=int(threads), decode_shape=decode_shape, profile=profile)
 
     @classmethod
-    def from_dir(cls, path, graphs: dict, dims: Tuple[int, int, int, int, int], threads: int = 2,
+    def from_dir(cls, path, graphs: dict, dims: Dims, threads: int = 2,
                  decode_shape: Optional[str] = None, profile: Optional[str] = None) -> "OrtBackend":
-        """Open graphs without a manifest (export validation)."""
+        """Open graphs without a manifest (export validation): the I/O is the contract's."""
         self = cls.__new__(cls)
-        self._init(Path(path), graphs, dims, threads=threads, decode_shape=decode_shape, profile=profile)
+        io = graph_io("onnxruntime", dims, _shapes(graphs))
+        self._init(Path(path), graphs, dims, io, threads=threads, decode_shape=decode_shape, profile=profile)
         return self
 
     # ------------------------------------------------------------------ loading
-    def _init(self, path: Path, graphs: dict, dims, threads: int, decode_shape: Optional[str], profile: Optional[str]):
+    def _init(self, path: Path, graphs: dict, dims: Dims, io: dict, threads: int, decode_shape: Optional[str],
+              profile: Optional[str]):
         try:
             import onnxruntime as ort
         except ImportError as e:
             raise FirstEdgeError(f"onnxruntime is not installed: {e} (pip install onnxruntime)") from None
         self.ort = ort
         self.path = Path(path)
-        L, KV, hd, V, C = (int(d) for d in dims)
+        self.io = io
+        L, KV, hd, V, C = dims.n_layers, dims.n_kv_heads, dims.head_dim, dims.vocab_size, dims.max_context
         self.n_layers, self.n_kv, self.head_dim, self.vocab, self.max_context = L, KV, hd, V, C
         self.threads = threads
-        shapes = graphs.get("decode_shapes") or [graphs.get("decode_shape", "fused")]
+        shapes = _shapes(graphs)
         shape = decode_shape or graphs.get("decode_shape", "fused")
         if shape not in ("fused", "split"):
             raise FirstEdgeError(f"decode_shape must be fused or split, got {shape!r}")
@@ -105,7 +112,8 @@ class OrtBackend:
         self.profile = profile
         self._sessions = []
         self.prefill_sess = self._session(graphs.get("prefill", "prefill.onnx"), profile=False)
-        self._check_prefill()
+        self._check(self.prefill_sess, "prefill", graphs.get("prefill", "prefill.onnx"))
+        self._prefill_out = [o.name for o in self.prefill_sess.get_outputs()]
         # KV buffers: allocated once, written in place by the decode graphs
         self.k = [np.zeros((1, KV, C, hd), F32) for _ in range(L)]
         self.v = [np.zeros((1, KV, C, hd), F32) for _ in range(L)]
@@ -118,20 +126,21 @@ class OrtBackend:
         self._mask_key = None
         if shape == "fused":
             self.decode_sess = self._session(graphs.get("decode", "decode.onnx"), profile=bool(profile))
-            self._check_decode(self.decode_sess, "decode.onnx", range(L))
+            self._check(self.decode_sess, "decode", graphs.get("decode", "decode.onnx"))
             self._bind_fused()
         else:
             sp = graphs.get("split") or {}
             self.embed_sess = self._session(sp.get("embed", "embed.onnx"), profile=bool(profile))
+            self._check(self.embed_sess, "embed", sp.get("embed", "embed.onnx"))
             layer_files = sp.get("layers") or [f"layer_{l}.onnx" for l in range(L)]
             if len(layer_files) != L:
                 raise FirstEdgeError(f"bundle dims do not match the graphs: {len(layer_files)} layer graphs for "
                                      f"n_layers={L}")
             self.layer_sess = [self._session(f, profile=bool(profile)) for f in layer_files]
             for l, s in enumerate(self.layer_sess):
-                self._check_decode(s, layer_files[l], [l])
+                self._check(s, "layer", layer_files[l], l)
             self.head_sess = self._session(sp.get("head", "head.onnx"), profile=bool(profile))
-            self._check_logits(self.head_sess, "head.onnx")
+            self._check(self.head_sess, "head", sp.get("head", "head.onnx"))
             self._bind_split()
 
     def _session(self, name: str, profile: bool):
@@ -151,51 +160,33 @@ class OrtBackend:
         try:
             s = ort.InferenceSession(str(f), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001  (ORT raises several exception types for a bad file)
-            raise FirstEdgeError(f"cannot load graph {name} (corrupt or truncated?): {_first_line(e)}") from None
+            raise FirstEdgeError(f"cannot load graph {name} (corrupt or truncated?): {first_line(e)}") from None
         self._sessions.append(s)
         return s
 
-    def _mismatch(self, what: str):
-        raise FirstEdgeError(f"bundle dims do not match the graphs: {what}")
-
-    def _check_logits(self, sess, name):
-        out = {o.name: o.shape for o in sess.get_outputs()}
-        if "logits" not in out:
-            self._mismatch(f"{name} has no 'logits' output")
-        if out["logits"][-1] != self.vocab:
-            self._mismatch(f"{name} gives {out['logits'][-1]} logits, the manifest says vocab_size={self.vocab}")
-
-    def _check_prefill(self):
-        s, L = self.prefill_sess, self.n_layers
-        self._check_logits(s, "prefill.onnx")
-        out = {o.name: o.shape for o in s.get_outputs()}
-        if out.get("router_scores") != [L]:
-            self._mismatch(f"prefill.onnx router_scores has shape {out.get('router_scores')}, n_layers={L}")
-        n_kv = sum(1 for n in out if n.startswith("present."))
-        if n_kv != 2 * L:
-            self._mismatch(f"prefill.onnx has {n_kv // 2} layers of K/V outputs, n_layers={L}")
-        shp = out["present.0.key"]
-        if shp[1] != self.n_kv or shp[3] != self.head_dim:
-            self._mismatch(f"prefill.onnx K/V shape {shp} vs n_kv_heads={self.n_kv}, head_dim={self.head_dim}")
-
-    def _check_decode(self, sess, name, layers: Sequence[int]):
-        ins = {i.name: i.shape for i in sess.get_inputs()}
-        want = [1, self.n_kv, self.max_context, self.head_dim]
-        for l in layers:
-            for kv in ("key", "value"):
-                n = f"past_key_values.{l}.{kv}"
-                if n not in ins:
-                    self._mismatch(f"{name} has no input {n} (n_layers={self.n_layers})")
-                if ins[n] != want:
-                    self._mismatch(f"{name} input {n} has shape {ins[n]}, expected {want} "
-                                   f"(n_kv_heads, max_context, head_dim from the manifest)")
-        if "layer_mask" in ins and ins["layer_mask"] != [self.n_layers]:
-            self._mismatch(f"{name} layer_mask has shape {ins['layer_mask']}, n_layers={self.n_layers}")
-        extra = [n for n in ins if n.startswith("past_key_values.") and int(n.split(".")[1]) not in layers]
-        if extra:
-            self._mismatch(f"{name} has K/V inputs for more layers than n_layers={self.n_layers}")
-        if name == "decode.onnx":
-            self._check_logits(sess, name)
+    def _check(self, sess, graph: str, file: str, l: Optional[int] = None):
+        """The session's inputs and outputs are exactly the I/O the manifest declares for ``graph``: the same
+        names, element types and fixed sizes (symbolic sizes such as T are free)."""
+        for side, have in (("inputs", sess.get_inputs()), ("outputs", sess.get_outputs())):
+            specs = self.io[graph][side]
+            names = layer_names(specs, l) if l is not None else [s.name for s in specs]
+            got = {a.name: a for a in have}
+            for name, spec in zip(names, specs):
+                a = got.pop(name, None)
+                if a is None:
+                    raise FirstEdgeError(f"bundle dims do not match the graphs: {file} has no {side[:-1]} {name} "
+                                         f"(n_layers={self.n_layers})")
+                if a.type != ORT_TYPES[spec.dtype]:
+                    raise FirstEdgeError(f"bundle dims do not match the graphs: {file} {name} is {a.type}, the "
+                                         f"manifest says {spec.dtype}")
+                want = [d if isinstance(d, int) else None for d in spec.shape]
+                shape = [d if isinstance(d, int) else None for d in a.shape]
+                if len(shape) != len(want) or any(w is not None and w != h for w, h in zip(want, shape)):
+                    raise FirstEdgeError(f"bundle dims do not match the graphs: {file} {name} has shape {a.shape}, "
+                                         f"the manifest says {list(spec.shape)}")
+            if got:
+                raise FirstEdgeError(f"bundle dims do not match the graphs: {file} has {side} the manifest does not "
+                                     f"declare: {', '.join(sorted(got)[:3])} (n_layers={self.n_layers})")
 
     # ------------------------------------------------------------------ IO binding (raw pointers: zero copy)
     @staticmethod
@@ -218,7 +209,7 @@ class OrtBackend:
         self._binding = b
 
     def _bind_split(self):
-        D = self.embed_sess.get_outputs()[0].shape[-1]
+        D = next(s for s in self.io["embed"]["outputs"] if s.name == "hidden_states").shape[-1]
         self._h = [np.zeros((1, 1, D), F32), np.zeros((1, 1, D), F32)]
         self._len_views = [self.lengths[l:l + 1] for l in range(self.n_layers)]
         eb = self.embed_sess.io_binding()
@@ -256,8 +247,7 @@ class OrtBackend:
         if ids.min() < 0 or ids.max() >= self.vocab:
             raise FirstEdgeError(f"token id out of range for a vocabulary of {self.vocab}")
         outs = self.prefill_sess.run(None, {"input_ids": ids, "threshold": np.array([threshold], F32)})
-        names = [o.name for o in self.prefill_sess.get_outputs()]
-        res = dict(zip(names, outs))
+        res = dict(zip(self._prefill_out, outs))
         for l in range(self.n_layers):
             self.k[l][:, :, :T] = res[f"present.{l}.key"]
             self.v[l][:, :, :T] = res[f"present.{l}.value"]

@@ -114,11 +114,11 @@ def test_pool_start_parity_with_reference(bundle, et_backend):
 
 
 def test_prefill_method_pools_like_the_reference_eager():
-    """PrefillM (before export) against FirstModel.prefill for pool_start 0 and > 0 (the 8da4w bundle is the
+    """PrefillMethod (before export) against FirstModel.prefill for pool_start 0 and > 0 (the 8da4w bundle is the
     only exported pool_start 0 case, and it is quantized)."""
     import torch
 
-    from export.et_export import PrefillM
+    from export.et_export import PrefillMethod
     from helpers import randomize_routers, tiny_first
 
     fm = randomize_routers(tiny_first("llama", layers=3), seed=1)
@@ -128,7 +128,7 @@ def test_prefill_method_pools_like_the_reference_eager():
         for T in (1, 3, POOL_START, POOL_START + 1, 12):
             ids = torch.from_numpy(rng.integers(5, 96, size=(1, T)))
             with torch.no_grad():
-                got = PrefillM(fm)(ids, torch.tensor([0.5]))
+                got = PrefillMethod(fm)(ids, torch.tensor([0.5]))
                 _, g, mask, _, _ = fm.prefill(ids, 0.5)
             torch.testing.assert_close(got[1], g, atol=1e-6, rtol=0)
             assert torch.equal(got[2], mask)
@@ -195,10 +195,12 @@ def _edit_manifest(path, fn, rehash=True):
     ("missing_method", "lacks the method"),
     ("wrong_max_context", "max_context"),
     ("garbage_pte", "cannot load"),
-    ("wrong_kv_heads", "K/V"),
+    ("wrong_kv_heads", "n_kv_heads"),
     ("fused_shape", "split"),
     ("modified_pte", "sha256"),
     ("bad_pool_start", "routing.pool_start"),
+    ("no_io", "no graphs.io section"),
+    ("io_lacks_output", "lacks present.1.value"),
 ])
 def test_bad_bundles(bundle, case, expect):
     from runtime.backends import load_backend
@@ -217,6 +219,10 @@ def test_bad_bundles(bundle, case, expect):
         _edit_manifest(b, lambda m: m["graphs"].__setitem__("decode_shape", "fused"))
     elif case == "bad_pool_start":
         _edit_manifest(b, lambda m: m["routing"].__setitem__("pool_start", -2))
+    elif case == "no_io":
+        _edit_manifest(b, lambda m: m["graphs"].pop("io"))
+    elif case == "io_lacks_output":
+        _edit_manifest(b, lambda m: m["graphs"]["io"]["prefill"]["outputs"].pop(3 + 2 * 1 + 1))
     elif case == "modified_pte":
         with open(b / "model.pte", "ab") as f:
             f.write(b"x")
@@ -226,6 +232,24 @@ def test_bad_bundles(bundle, case, expect):
     r = subprocess.run([sys.executable, "-m", "runtime", "--bundle", str(b), "--prompt", "w5"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_method_signatures_are_checked_against_the_declared_io(bundle):
+    """Each method's inputs and outputs (count, dtype, fixed sizes) must be the ones the I/O contract declares,
+    and arguments are placed by the declared names (here: a contract for another hidden size is refused)."""
+    import dataclasses
+
+    from runtime.et_backend import EtProgram
+    from runtime.graph_io import Dims, graph_io
+
+    b = Bundle(bundle)
+    dims = Dims.from_model(b.model)
+    prog = EtProgram(b.file("model.pte"), dims, graph_io("executorch", dims))
+    assert len(prog.layer_m) == dims.n_layers
+    wider = dataclasses.replace(dims, hidden_size=dims.hidden_size + 1)
+    with pytest.raises(FirstEdgeError, match=r"method embed output hidden_states is \[1, 1, 64\], the manifest says "
+                                             r"float32 \[1, 1, 65\]"):
+        EtProgram(b.file("model.pte"), wider, graph_io("executorch", wider))
 
 
 def test_bad_inputs(et_backend):

@@ -115,7 +115,7 @@ int main(int argc, char** argv) {
     for (const auto& l : r.logits) std::fwrite(l.data(), sizeof(float), l.size(), f);
     std::fclose(f);
   }
-  const BundleInfo& I = runner->info();
+  const BundleInfo& info = runner->info();
   std::string mask;
   int kept = 0;
   for (uint8_t m : r.mask) {
@@ -125,7 +125,7 @@ int main(int argc, char** argv) {
   std::printf("{\"runtime\": \"executorch-cpp\", \"prompt_tokens\": %d, \"new_tokens\": %zu, \"prefill_ms\": %.3f, "
               "\"decode_tokens_per_s\": %.3f, \"decode_cpu_ms_per_token\": %.3f, \"layers_kept\": %d, \"n_layers\": %d, \"mask\": \"%s\", "
               "\"stop_reason\": \"%s\", \"threads\": %d, \"runs\": %d, \"tokens\": [",
-              r.prompt_tokens, r.tokens.size(), median(pre), median(dec), cpu.empty() ? 0.0 : median(cpu), kept, I.n_layers, mask.c_str(),
+              r.prompt_tokens, r.tokens.size(), median(pre), median(dec), cpu.empty() ? 0.0 : median(cpu), kept, info.n_layers, mask.c_str(),
               r.stop_reason.c_str(), threads, runs);
   for (size_t i = 0; i < r.tokens.size(); i++) std::printf("%s%lld", i ? ", " : "", (long long)r.tokens[i]);
   std::printf("], \"scores\": [");

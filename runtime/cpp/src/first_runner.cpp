@@ -42,7 +42,7 @@ using executorch::runtime::EValue;
 
 namespace {
 
-constexpr int kFormatVersion = 1;
+constexpr int kFormatVersion = 2;  // runtime/bundle.py FORMAT_VERSION
 
 bool file_exists(const std::string& p, bool* is_dir = nullptr) {
   struct stat st;
@@ -71,7 +71,125 @@ Status get_int(const Json& obj, const char* section, const char* key, int* out, 
   return Status::Ok();
 }
 
+// graphs.io: a list of {name, dtype, shape} (runtime/graph_io.py)
+Status parse_specs(const Json& list, const std::string& where, std::vector<TensorSpec>* out) {
+  if (!list.is_arr()) return Status::Error("manifest graphs.io." + where + " must be a list");
+  for (const Json& e : list.arr) {
+    if (!e.is_obj() || !e["name"].is_str() || e["name"].str.empty() || !e["dtype"].is_str() || !e["shape"].is_arr())
+      return Status::Error("manifest graphs.io." + where + ": each entry must be an object with name, dtype and shape");
+    TensorSpec t;
+    t.name = e["name"].str;
+    t.dtype = e["dtype"].str;
+    if (t.dtype != "int64" && t.dtype != "int32" && t.dtype != "float32" && t.dtype != "bool")
+      return Status::Error("manifest graphs.io." + where + "." + t.name + ": unknown dtype '" + t.dtype + "'");
+    for (const Json& d : e["shape"].arr) {
+      int64_t v;
+      if (d.as_int(&v) && v >= 0 && v <= (1LL << 31) - 1) t.shape.push_back(v);
+      else if (d.is_str() && (d.str == "T" || d.str == "S")) t.shape.push_back(-1);
+      else return Status::Error("manifest graphs.io." + where + "." + t.name + ": a shape must list sizes or T/S");
+    }
+    out->push_back(std::move(t));
+  }
+  return Status::Ok();
+}
+
+// The graphs the runner calls and the tensors it binds in each, by name (DESIGN.md section 2).
+Status parse_io(const Json& io, int n_layers, std::map<std::string, GraphIo>* out) {
+  if (!io.is_obj()) return Status::Error("manifest has no graphs.io section (the graphs' inputs and outputs); rebuild the bundle");
+  std::vector<std::string> pre_out = {"logits", "router_scores", "layer_mask"};
+  for (int l = 0; l < n_layers; l++) {
+    pre_out.push_back("present." + std::to_string(l) + ".key");
+    pre_out.push_back("present." + std::to_string(l) + ".value");
+  }
+  const std::vector<std::pair<std::string, std::pair<std::vector<std::string>, std::vector<std::string>>>> need = {
+      {"prefill", {{"input_ids", "threshold"}, pre_out}},
+      {"embed", {{"input_ids", "position"}, {"hidden_states", "cos", "sin"}}},
+      {"layer", {{"hidden_states", "cos", "sin", "past_key_values.{l}.key", "past_key_values.{l}.value"},
+                 {"hidden_states_out", "present.{l}.key", "present.{l}.value"}}},
+      {"head", {{"hidden_states"}, {"logits"}}},
+  };
+  for (const auto& g : need) {
+    const Json& gj = io[g.first];
+    if (!gj.is_obj()) return Status::Error("manifest graphs.io lacks the graph '" + g.first + "'");
+    GraphIo gio;
+    Status s = parse_specs(gj["inputs"], g.first + ".inputs", &gio.inputs);
+    if (!s) return s;
+    if (!(s = parse_specs(gj["outputs"], g.first + ".outputs", &gio.outputs))) return s;
+    for (int side = 0; side < 2; side++) {
+      const auto& names = side == 0 ? g.second.first : g.second.second;
+      const auto& specs = side == 0 ? gio.inputs : gio.outputs;
+      const char* what = side == 0 ? "inputs" : "outputs";
+      for (const auto& n : names)
+        if ((side == 0 ? gio.input(n) : gio.output(n)) < 0)
+          return Status::Error("manifest graphs.io." + g.first + "." + what + " lacks " + n);
+      if (specs.size() != names.size())
+        return Status::Error("bundle dims do not match the graphs: graphs.io." + g.first + "." + what + " has " +
+                             std::to_string(specs.size()) + " tensors, n_layers=" + std::to_string(n_layers) +
+                             " gives " + std::to_string(names.size()));
+    }
+    (*out)[g.first] = std::move(gio);
+  }
+  return Status::Ok();
+}
+
+const char* dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Long: return "int64";
+    case ScalarType::Int: return "int32";
+    case ScalarType::Float: return "float32";
+    case ScalarType::Bool: return "bool";
+    default: return "other";
+  }
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); i++) r += (i ? ", " : "") + (s[i] < 0 ? std::string("?") : std::to_string(s[i]));
+  return r + "]";
+}
+
+// The one metadata reader: a method's inputs and outputs have the count, dtypes and fixed sizes that
+// the manifest declares (symbolic sizes are free).
+Status check_signature(Module& module, const std::string& method, const GraphIo& io) {
+  auto meta = module.method_meta(method);
+  if (!meta.ok()) return Status::Error("cannot read the signature of method '" + method + "'");
+  if (meta->num_inputs() != io.inputs.size() || meta->num_outputs() != io.outputs.size())
+    return Status::Error("bundle dims do not match the graphs: method " + method + " has " +
+                         std::to_string(meta->num_inputs()) + " inputs and " + std::to_string(meta->num_outputs()) +
+                         " outputs, the manifest declares " + std::to_string(io.inputs.size()) + " and " +
+                         std::to_string(io.outputs.size()));
+  for (int side = 0; side < 2; side++) {
+    const auto& specs = side == 0 ? io.inputs : io.outputs;
+    for (size_t i = 0; i < specs.size(); i++) {
+      auto t = side == 0 ? meta->input_tensor_meta(i) : meta->output_tensor_meta(i);
+      if (!t.ok()) return Status::Error("method " + method + " " + (side == 0 ? "input " : "output ") + specs[i].name + " is not a tensor");
+      auto sizes = t->sizes();
+      bool ok = dtype_name(t->scalar_type()) == specs[i].dtype && sizes.size() == specs[i].shape.size();
+      for (size_t d = 0; ok && d < sizes.size(); d++) ok = specs[i].shape[d] < 0 || specs[i].shape[d] == sizes[d];
+      if (!ok) {
+        std::vector<int64_t> got(sizes.begin(), sizes.end());
+        return Status::Error("bundle dims do not match the graphs: method " + method + " " +
+                             (side == 0 ? "input " : "output ") + specs[i].name + " is " + dtype_name(t->scalar_type()) +
+                             " " + shape_str(got) + ", the manifest says " + specs[i].dtype + " " + shape_str(specs[i].shape));
+      }
+    }
+  }
+  return Status::Ok();
+}
+
 }  // namespace
+
+int GraphIo::input(const std::string& name) const {
+  for (size_t i = 0; i < inputs.size(); i++)
+    if (inputs[i].name == name) return (int)i;
+  return -1;
+}
+
+int GraphIo::output(const std::string& name) const {
+  for (size_t i = 0; i < outputs.size(); i++)
+    if (outputs[i].name == name) return (int)i;
+  return -1;
+}
 
 // ------------------------------------------------------------------------------------------------
 Status load_bundle_info(const std::string& dir_in, BundleInfo* out, bool verify_hashes) {
@@ -149,6 +267,7 @@ Status load_bundle_info(const std::string& dir_in, BundleInfo* out, bool verify_
   if ((int)info.layer_methods.size() != info.n_layers)
     return Status::Error("manifest lists " + std::to_string(info.layer_methods.size()) + " layer methods for " +
                          std::to_string(info.n_layers) + " layers");
+  if (!(s = parse_io(g["io"], info.n_layers, &info.io))) return s;
   // files + hashes
   const Json& files = m["files"];
   if (!files.is_obj() || files.obj.empty()) return Status::Error("manifest lists no files");
@@ -178,160 +297,213 @@ struct Runner::Impl {
   std::unique_ptr<Module> module;
   int64_t tok = 0, pos = 0;
   TensorPtr tok_t, pos_t;
-  std::vector<float> new_kv;
+  std::vector<std::vector<float>> k, v;  // per layer [max_context, n_kv, head_dim], sequence-major
+  std::vector<int> len;                  // entries held per layer
+  std::vector<int64_t> layer_calls;      // decode-time executions per layer since the last prefill
+  // argument and result positions, by name from the manifest's graphs.io
+  int pre_ids, pre_thr, pre_logits, pre_scores, pre_mask;
+  std::vector<int> pre_k, pre_v;
+  int emb_ids, emb_pos, emb_h, emb_cos, emb_sin;
+  int lay_h, lay_cos, lay_sin, lay_pk, lay_pv, lay_out_h, lay_out_k, lay_out_v;
+  int head_h, head_logits;
 };
 
 Runner::~Runner() = default;
+
+const std::vector<int64_t>& Runner::layer_calls() const { return impl_->layer_calls; }
 
 Status Runner::create(const std::string& bundle_dir, int threads, std::unique_ptr<Runner>* out, bool verify_hashes) {
   std::unique_ptr<Runner> r(new Runner());
   Status s = load_bundle_info(bundle_dir, &r->info_, verify_hashes);
   if (!s) return s;
-  const BundleInfo& I = r->info_;
+  const BundleInfo& info = r->info_;
   if (threads > 0) {
     auto* tp = executorch::extension::threadpool::get_threadpool();
     if (tp) tp->_unsafe_reset_threadpool((uint32_t)threads);
   }
   r->impl_.reset(new Impl());
-  Impl& M = *r->impl_;
-  M.module.reset(new Module(I.path + "/" + I.pte_file, Module::LoadMode::Mmap));
-  auto err = M.module->load();
+  Impl& impl = *r->impl_;
+  impl.module.reset(new Module(info.path + "/" + info.pte_file, Module::LoadMode::Mmap));
+  auto err = impl.module->load();
   if (err != executorch::runtime::Error::Ok)
-    return Status::Error("ExecuTorch cannot load " + I.pte_file + " (" + et_error(err) + ")");
-  auto names = M.module->method_names();
-  if (!names.ok()) return Status::Error("cannot list the methods of " + I.pte_file);
-  std::vector<std::string> need = {I.prefill_method, I.embed_method, I.head_method};
-  need.insert(need.end(), I.layer_methods.begin(), I.layer_methods.end());
+    return Status::Error("ExecuTorch cannot load " + info.pte_file + " (" + et_error(err) + ")");
+  auto names = impl.module->method_names();
+  if (!names.ok()) return Status::Error("cannot list the methods of " + info.pte_file);
+  std::vector<std::string> need = {info.prefill_method, info.embed_method, info.head_method};
+  need.insert(need.end(), info.layer_methods.begin(), info.layer_methods.end());
   for (const auto& n : need) {
-    if (!names->count(n)) return Status::Error(I.pte_file + " lacks the method '" + n + "' named in the manifest");
+    if (!names->count(n)) return Status::Error(info.pte_file + " lacks the method '" + n + "' named in the manifest");
   }
   // constant methods must agree with the manifest
   auto check_const = [&](const char* name, int64_t want) -> Status {
     if (!names->count(name)) return Status::Ok();
-    auto o = M.module->execute(name);
+    auto o = impl.module->execute(name);
     if (!o.ok() || o->empty() || !(*o)[0].isInt()) return Status::Error(std::string("cannot read ") + name);
     if ((*o)[0].toInt() != want)
-      return Status::Error(I.pte_file + " says " + name + " = " + std::to_string((*o)[0].toInt()) +
+      return Status::Error(info.pte_file + " says " + name + " = " + std::to_string((*o)[0].toInt()) +
                            ", the manifest says " + std::to_string(want));
     return Status::Ok();
   };
-  if (!(s = check_const("get_n_layers", I.n_layers))) return s;
-  if (!(s = check_const("get_max_context_len", I.max_context))) return s;
-  if (!(s = check_const("get_vocab_size", I.vocab_size))) return s;
+  if (!(s = check_const("get_n_layers", info.n_layers))) return s;
+  if (!(s = check_const("get_max_context_len", info.max_context))) return s;
+  if (!(s = check_const("get_vocab_size", info.vocab_size))) return s;
   for (const auto& n : need) {
-    err = M.module->load_method(n);
+    err = impl.module->load_method(n);
     if (err != executorch::runtime::Error::Ok)
       return Status::Error("ExecuTorch cannot load method '" + n + "' (" + et_error(err) + ")");
   }
-  // graph dims: layer past key input [1, S, n_kv, head_dim]
-  auto meta = M.module->method_meta(I.layer_methods[0]);
-  if (!meta.ok() || meta->num_inputs() != 5) return Status::Error("unexpected signature of " + I.layer_methods[0]);
-  auto pk = meta->input_tensor_meta(3);
-  if (!pk.ok() || pk->sizes().size() != 4 || pk->sizes()[2] != I.n_kv_heads || pk->sizes()[3] != I.head_dim)
-    return Status::Error("model.pte K/V dims do not match the manifest (n_kv_heads " + std::to_string(I.n_kv_heads) +
-                         ", head_dim " + std::to_string(I.head_dim) + ")");
-  auto hm = M.module->method_meta(I.head_method);
-  if (!hm.ok() || hm->num_outputs() != 1) return Status::Error("unexpected signature of " + I.head_method);
-  auto lo = hm->output_tensor_meta(0);
-  if (!lo.ok() || lo->sizes().size() != 2 || lo->sizes()[1] != I.vocab_size)
-    return Status::Error("model.pte vocabulary does not match the manifest's vocab_size " + std::to_string(I.vocab_size));
-  size_t per = (size_t)I.max_context * I.n_kv_heads * I.head_dim;
-  r->k_.assign(I.n_layers, std::vector<float>(per, 0.f));
-  r->v_.assign(I.n_layers, std::vector<float>(per, 0.f));
-  r->len_.assign(I.n_layers, 0);
-  r->layer_calls_.assign(I.n_layers, 0);
-  M.tok_t = from_blob(&M.tok, {1, 1}, ScalarType::Long);
-  M.pos_t = from_blob(&M.pos, {1}, ScalarType::Long);
+  // every method's signature is the one the manifest declares
+  const GraphIo &pre = info.io.at("prefill"), &emb = info.io.at("embed"), &lay = info.io.at("layer"),
+                &head = info.io.at("head");
+  if (!(s = check_signature(*impl.module, info.prefill_method, pre))) return s;
+  if (!(s = check_signature(*impl.module, info.embed_method, emb))) return s;
+  for (const auto& n : info.layer_methods)
+    if (!(s = check_signature(*impl.module, n, lay))) return s;
+  if (!(s = check_signature(*impl.module, info.head_method, head))) return s;
+  // and the manifest's model dims are the graphs' (layer past key [1, S, n_kv, head_dim], logits [1, vocab])
+  const auto& pk = lay.inputs[lay.input("past_key_values.{l}.key")].shape;
+  if (pk.size() != 4 || pk[2] != info.n_kv_heads || pk[3] != info.head_dim)
+    return Status::Error("model.pte K/V dims do not match the manifest (n_kv_heads " + std::to_string(info.n_kv_heads) +
+                         ", head_dim " + std::to_string(info.head_dim) + ")");
+  const auto& lg = head.outputs[head.output("logits")].shape;
+  if (lg.size() != 2 || lg[1] != info.vocab_size)
+    return Status::Error("model.pte vocabulary does not match the manifest's vocab_size " + std::to_string(info.vocab_size));
+  impl.pre_ids = pre.input("input_ids");
+  impl.pre_thr = pre.input("threshold");
+  impl.pre_logits = pre.output("logits");
+  impl.pre_scores = pre.output("router_scores");
+  impl.pre_mask = pre.output("layer_mask");
+  for (int l = 0; l < info.n_layers; l++) {
+    impl.pre_k.push_back(pre.output("present." + std::to_string(l) + ".key"));
+    impl.pre_v.push_back(pre.output("present." + std::to_string(l) + ".value"));
+  }
+  impl.emb_ids = emb.input("input_ids");
+  impl.emb_pos = emb.input("position");
+  impl.emb_h = emb.output("hidden_states");
+  impl.emb_cos = emb.output("cos");
+  impl.emb_sin = emb.output("sin");
+  impl.lay_h = lay.input("hidden_states");
+  impl.lay_cos = lay.input("cos");
+  impl.lay_sin = lay.input("sin");
+  impl.lay_pk = lay.input("past_key_values.{l}.key");
+  impl.lay_pv = lay.input("past_key_values.{l}.value");
+  impl.lay_out_h = lay.output("hidden_states_out");
+  impl.lay_out_k = lay.output("present.{l}.key");
+  impl.lay_out_v = lay.output("present.{l}.value");
+  impl.head_h = head.input("hidden_states");
+  impl.head_logits = head.output("logits");
+  size_t per = (size_t)info.max_context * info.n_kv_heads * info.head_dim;
+  impl.k.assign(info.n_layers, std::vector<float>(per, 0.f));
+  impl.v.assign(info.n_layers, std::vector<float>(per, 0.f));
+  impl.len.assign(info.n_layers, 0);
+  impl.layer_calls.assign(info.n_layers, 0);
+  impl.tok_t = from_blob(&impl.tok, {1, 1}, ScalarType::Long);
+  impl.pos_t = from_blob(&impl.pos, {1}, ScalarType::Long);
   *out = std::move(r);
   return Status::Ok();
 }
 
 Status Runner::prefill(const std::vector<int64_t>& ids_in, float threshold, std::vector<float>* logits,
                        std::vector<float>* scores, std::vector<uint8_t>* mask) {
-  const BundleInfo& I = info_;
-  Impl& M = *impl_;
+  const BundleInfo& info = info_;
+  Impl& impl = *impl_;
   int T = (int)ids_in.size();
   if (T == 0) return Status::Error("the prompt is empty");
-  if (T >= I.max_context)
+  if (T >= info.max_context)
     return Status::Error("prompt has " + std::to_string(T) + " tokens, longer than the context of " +
-                         std::to_string(I.max_context) + " tokens (at least one position must be left to generate)");
+                         std::to_string(info.max_context) + " tokens (at least one position must be left to generate)");
   for (int64_t t : ids_in)
-    if (t < 0 || t >= I.vocab_size)
+    if (t < 0 || t >= info.vocab_size)
       return Status::Error("token id " + std::to_string(t) + " is outside the vocabulary (0.." +
-                           std::to_string(I.vocab_size - 1) + ")");
+                           std::to_string(info.vocab_size - 1) + ")");
   if (!std::isfinite(threshold)) return Status::Error("the threshold must be a finite number");
   std::vector<int64_t> ids(ids_in);
   float thr = threshold;
   auto ids_t = from_blob(ids.data(), {1, T}, ScalarType::Long);
   auto thr_t = from_blob(&thr, {1}, ScalarType::Float);
-  auto out = M.module->execute(I.prefill_method, {EValue(ids_t), EValue(thr_t)});
+  std::vector<EValue> args(2);
+  args[impl.pre_ids] = EValue(ids_t);
+  args[impl.pre_thr] = EValue(thr_t);
+  auto out = impl.module->execute(info.prefill_method, args);
   if (!out.ok()) return Status::Error("prefill failed (" + et_error(out.error()) + ")");
   const auto& o = *out;
-  if ((int)o.size() != 3 + 2 * I.n_layers) return Status::Error("prefill returned an unexpected number of outputs");
-  auto lt = o[0].toTensor();
-  if (lt.numel() != I.vocab_size) return Status::Error("prefill logits have the wrong size");
-  logits->assign(lt.const_data_ptr<float>(), lt.const_data_ptr<float>() + I.vocab_size);
-  auto st = o[1].toTensor();
-  scores->assign(st.const_data_ptr<float>(), st.const_data_ptr<float>() + I.n_layers);
-  auto mt = o[2].toTensor();
+  if (o.size() != info.io.at("prefill").outputs.size())
+    return Status::Error("prefill returned an unexpected number of outputs");
+  auto lt = o[impl.pre_logits].toTensor();
+  if (lt.numel() != info.vocab_size) return Status::Error("prefill logits have the wrong size");
+  logits->assign(lt.const_data_ptr<float>(), lt.const_data_ptr<float>() + info.vocab_size);
+  auto st = o[impl.pre_scores].toTensor();
+  scores->assign(st.const_data_ptr<float>(), st.const_data_ptr<float>() + info.n_layers);
+  auto mt = o[impl.pre_mask].toTensor();
   const bool* mb = mt.const_data_ptr<bool>();
-  mask->assign(I.n_layers, 0);
-  for (int l = 0; l < I.n_layers; l++) (*mask)[l] = mb[l] ? 1 : 0;
-  const int nkv = I.n_kv_heads, hd = I.head_dim;
-  for (int l = 0; l < I.n_layers; l++) {
+  mask->assign(info.n_layers, 0);
+  for (int l = 0; l < info.n_layers; l++) (*mask)[l] = mb[l] ? 1 : 0;
+  const int nkv = info.n_kv_heads, hd = info.head_dim;
+  for (int l = 0; l < info.n_layers; l++) {
     // present [1, n_kv, T, hd] -> sequence-major rows 0..T-1 (once per prompt)
     for (int w = 0; w < 2; w++) {
-      auto t = o[3 + 2 * l + w].toTensor();
+      auto t = o[w == 0 ? impl.pre_k[l] : impl.pre_v[l]].toTensor();
       if (t.numel() != (ssize_t)nkv * T * hd) return Status::Error("prefill K/V have the wrong size");
       const float* src = t.const_data_ptr<float>();
-      float* dst = (w == 0 ? k_ : v_)[l].data();
+      float* dst = (w == 0 ? impl.k : impl.v)[l].data();
       for (int h = 0; h < nkv; h++)
         for (int s = 0; s < T; s++)
           std::copy(src + ((size_t)h * T + s) * hd, src + ((size_t)h * T + s + 1) * hd, dst + ((size_t)s * nkv + h) * hd);
     }
-    len_[l] = T;
+    impl.len[l] = T;
   }
-  std::fill(layer_calls_.begin(), layer_calls_.end(), 0);
+  std::fill(impl.layer_calls.begin(), impl.layer_calls.end(), 0);
   return Status::Ok();
 }
 
 Status Runner::decode(int64_t token, int64_t position, const std::vector<uint8_t>& mask, std::vector<float>* logits) {
-  const BundleInfo& I = info_;
-  Impl& M = *impl_;
-  if ((int)mask.size() != I.n_layers)
+  const BundleInfo& info = info_;
+  Impl& impl = *impl_;
+  if ((int)mask.size() != info.n_layers)
     return Status::Error("layer mask has length " + std::to_string(mask.size()) + ", the model has " +
-                         std::to_string(I.n_layers) + " layers");
-  if (token < 0 || token >= I.vocab_size) return Status::Error("token id " + std::to_string(token) + " is outside the vocabulary");
-  if (position < 0 || position >= I.max_context)
-    return Status::Error("position " + std::to_string(position) + " is outside the context of " + std::to_string(I.max_context));
-  M.tok = token;
-  M.pos = position;
-  auto e = M.module->execute(I.embed_method, {EValue(M.tok_t), EValue(M.pos_t)});
+                         std::to_string(info.n_layers) + " layers");
+  if (token < 0 || token >= info.vocab_size) return Status::Error("token id " + std::to_string(token) + " is outside the vocabulary");
+  if (position < 0 || position >= info.max_context)
+    return Status::Error("position " + std::to_string(position) + " is outside the context of " + std::to_string(info.max_context));
+  impl.tok = token;
+  impl.pos = position;
+  std::vector<EValue> eargs(2);
+  eargs[impl.emb_ids] = EValue(impl.tok_t);
+  eargs[impl.emb_pos] = EValue(impl.pos_t);
+  auto e = impl.module->execute(info.embed_method, eargs);
   if (!e.ok()) return Status::Error("embed failed (" + et_error(e.error()) + ")");
-  EValue h = (*e)[0], cos = (*e)[1], sin = (*e)[2];
-  const int nkv = I.n_kv_heads, hd = I.head_dim;
+  std::vector<EValue> args(5);
+  args[impl.lay_cos] = (*e)[impl.emb_cos];
+  args[impl.lay_sin] = (*e)[impl.emb_sin];
+  EValue h = (*e)[impl.emb_h];
+  const int nkv = info.n_kv_heads, hd = info.head_dim;
   const size_t row = (size_t)nkv * hd;
-  for (int l = 0; l < I.n_layers; l++) {
+  for (int l = 0; l < info.n_layers; l++) {
     if (!mask[l]) continue;
-    int n = len_[l];
-    if (n >= I.max_context) return Status::Error("layer " + std::to_string(l) + " KV buffer is full");
+    int n = impl.len[l];
+    if (n >= info.max_context) return Status::Error("layer " + std::to_string(l) + " KV buffer is full");
     if (n == 0) return Status::Error("decode before prefill");
-    auto pk = from_blob(k_[l].data(), {1, n, nkv, hd}, ScalarType::Float);  // zero-copy view of the past
-    auto pv = from_blob(v_[l].data(), {1, n, nkv, hd}, ScalarType::Float);
-    auto r = M.module->execute(I.layer_methods[l], {h, cos, sin, EValue(pk), EValue(pv)});
+    auto pk = from_blob(impl.k[l].data(), {1, n, nkv, hd}, ScalarType::Float);  // zero-copy view of the past
+    auto pv = from_blob(impl.v[l].data(), {1, n, nkv, hd}, ScalarType::Float);
+    args[impl.lay_h] = h;
+    args[impl.lay_pk] = EValue(pk);
+    args[impl.lay_pv] = EValue(pv);
+    auto r = impl.module->execute(info.layer_methods[l], args);
     if (!r.ok()) return Status::Error("layer " + std::to_string(l) + " failed (" + et_error(r.error()) + ")");
-    h = (*r)[0];
-    const float* kn = (*r)[1].toTensor().const_data_ptr<float>();
-    const float* vn = (*r)[2].toTensor().const_data_ptr<float>();
-    std::copy(kn, kn + row, k_[l].data() + (size_t)n * row);  // the new entry, in place
-    std::copy(vn, vn + row, v_[l].data() + (size_t)n * row);
-    len_[l] = n + 1;
-    layer_calls_[l]++;
+    h = (*r)[impl.lay_out_h];
+    const float* kn = (*r)[impl.lay_out_k].toTensor().const_data_ptr<float>();
+    const float* vn = (*r)[impl.lay_out_v].toTensor().const_data_ptr<float>();
+    std::copy(kn, kn + row, impl.k[l].data() + (size_t)n * row);  // the new entry, in place
+    std::copy(vn, vn + row, impl.v[l].data() + (size_t)n * row);
+    impl.len[l] = n + 1;
+    impl.layer_calls[l]++;
   }
-  auto hd_out = M.module->execute(I.head_method, {h});
+  std::vector<EValue> hargs(1);
+  hargs[impl.head_h] = h;
+  auto hd_out = impl.module->execute(info.head_method, hargs);
   if (!hd_out.ok()) return Status::Error("head failed (" + et_error(hd_out.error()) + ")");
-  auto lt = (*hd_out)[0].toTensor();
-  logits->assign(lt.const_data_ptr<float>(), lt.const_data_ptr<float>() + I.vocab_size);
+  auto lt = (*hd_out)[impl.head_logits].toTensor();
+  logits->assign(lt.const_data_ptr<float>(), lt.const_data_ptr<float>() + info.vocab_size);
   return Status::Ok();
 }
 
@@ -407,7 +579,7 @@ int64_t sample(const std::vector<float>& logits, const GenerateOptions& o, std::
 
 Status Runner::generate(const std::vector<int64_t>& ids, const GenerateOptions& opt, GenerateResult* res,
                         const std::function<void(int64_t)>& on_token) {
-  const BundleInfo& I = info_;
+  const BundleInfo& info = info_;
   if (opt.max_new_tokens < 1) return Status::Error("max_new_tokens must be at least 1");
   if (!(opt.temperature >= 0.f)) return Status::Error("temperature must be >= 0");
   if (!(opt.top_p > 0.f && opt.top_p <= 1.f)) return Status::Error("top_p must be in (0, 1]");
@@ -416,14 +588,14 @@ Status Runner::generate(const std::vector<int64_t>& ids, const GenerateOptions& 
   if (opt.keep > 0 && opt.has_threshold) return Status::Error("give either a threshold or a layer budget (--keep), not both");
   std::vector<uint8_t> user_mask;
   if (!opt.mask.empty()) {
-    Status s = parse_mask(opt.mask, I.n_layers, &user_mask);
+    Status s = parse_mask(opt.mask, info.n_layers, &user_mask);
     if (!s) return s;
   }
-  if (opt.keep != 0 && (opt.keep < 1 || opt.keep > I.n_layers))
-    return Status::Error("--keep must be between 1 and the number of layers (" + std::to_string(I.n_layers) + "), got " +
+  if (opt.keep != 0 && (opt.keep < 1 || opt.keep > info.n_layers))
+    return Status::Error("--keep must be between 1 and the number of layers (" + std::to_string(info.n_layers) + "), got " +
                          std::to_string(opt.keep));
   GenerateResult r;
-  float thr = opt.has_threshold ? opt.threshold : I.default_threshold;
+  float thr = opt.has_threshold ? opt.threshold : info.default_threshold;
   auto t0 = std::chrono::steady_clock::now();
   std::vector<float> logits, scores;
   std::vector<uint8_t> gmask;
@@ -432,14 +604,14 @@ Status Runner::generate(const std::vector<int64_t>& ids, const GenerateOptions& 
   if (!user_mask.empty()) {
     r.mask = user_mask;
   } else if (opt.keep > 0) {
-    s = budget_mask(scores, opt.keep, I.pinned, &r.mask);
+    s = budget_mask(scores, opt.keep, info.pinned, &r.mask);
     if (!s) return s;
   } else {
     r.mask = gmask;
-    for (int p : I.pinned) r.mask[p] = 1;
+    for (int p : info.pinned) r.mask[p] = 1;
   }
   std::mt19937_64 rng(opt.seed);
-  std::set<int64_t> eos(I.eos_ids.begin(), I.eos_ids.end());
+  std::set<int64_t> eos(info.eos_ids.begin(), info.eos_ids.end());
   int64_t tok = sample(logits, opt, rng);
   r.prefill_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   if (opt.keep_logits) r.logits.push_back(logits);
@@ -455,7 +627,7 @@ Status Runner::generate(const std::vector<int64_t>& ids, const GenerateOptions& 
       break;
     }
     if ((int)r.tokens.size() >= opt.max_new_tokens) break;
-    if (pos >= I.max_context) {
+    if (pos >= info.max_context) {
       r.stop_reason = "max_context";
       break;
     }
@@ -470,7 +642,7 @@ Status Runner::generate(const std::vector<int64_t>& ids, const GenerateOptions& 
   r.decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
   r.decode_cpu_s = double(std::clock() - c1) / CLOCKS_PER_SEC;
   r.scores = scores;
-  r.layer_calls = layer_calls_;
+  r.layer_calls = impl_->layer_calls;
   r.prompt_tokens = (int)ids.size();
   *res = std::move(r);
   return Status::Ok();

@@ -9,6 +9,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -23,6 +24,18 @@ struct Status {
   explicit operator bool() const { return ok; }
 };
 
+// One input or output of a graph, as the manifest's graphs.io declares it (runtime/graph_io.py).
+struct TensorSpec {
+  std::string name;   // "{l}" in a layer method's names stands for the layer index
+  std::string dtype;  // int64 | int32 | float32 | bool
+  std::vector<int64_t> shape;  // -1: a symbolic size (T prompt tokens, S past tokens)
+};
+struct GraphIo {
+  std::vector<TensorSpec> inputs, outputs;
+  int input(const std::string& name) const;   // position of a named input, -1 if absent
+  int output(const std::string& name) const;  // position of a named output, -1 if absent
+};
+
 struct BundleInfo {
   std::string path, name, architecture, quantization, weights;
   int n_layers = 0, hidden_size = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, vocab_size = 0, max_context = 0;
@@ -34,6 +47,7 @@ struct BundleInfo {
   std::string pte_file;
   std::string prefill_method = "prefill", embed_method = "embed", head_method = "head";
   std::vector<std::string> layer_methods;
+  std::map<std::string, GraphIo> io;  // prefill, embed, layer, head: what the runner binds, by name
 };
 
 // Reads and validates manifest.json (and every file's sha256 when verify_hashes).
@@ -81,7 +95,7 @@ class Runner {
   Status prefill(const std::vector<int64_t>& ids, float threshold, std::vector<float>* logits,
                  std::vector<float>* scores, std::vector<uint8_t>* mask);
   Status decode(int64_t token, int64_t position, const std::vector<uint8_t>& mask, std::vector<float>* logits);
-  const std::vector<int64_t>& layer_calls() const { return layer_calls_; }
+  const std::vector<int64_t>& layer_calls() const;
 
   // The loop: prefill, fix the mask, decode through the kept layers; on_token may be null.
   Status generate(const std::vector<int64_t>& ids, const GenerateOptions& opt, GenerateResult* res,
@@ -89,12 +103,9 @@ class Runner {
 
  private:
   Runner() = default;
-  struct Impl;
+  struct Impl;  // the ExecuTorch module, per-layer KV buffers and lengths, binding positions
   std::unique_ptr<Impl> impl_;
   BundleInfo info_;
-  std::vector<std::vector<float>> k_, v_;
-  std::vector<int> len_;
-  std::vector<int64_t> layer_calls_;
 };
 
 // Mask helpers shared by the runner and its tests (the rules of runtime/masks.py).

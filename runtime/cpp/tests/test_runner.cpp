@@ -142,7 +142,7 @@ static void bundle_tests(const std::string& good, const std::string& tmp) {
   spit(b + "/manifest.json", mf.substr(0, mf.size() / 2));
   expect_error(Runner::create(b, 1, &r), "not valid JSON", "truncated manifest");
   fresh();
-  spit(b + "/manifest.json", replace(mf, "\"format_version\": 1", "\"format_version\": 99"));
+  spit(b + "/manifest.json", replace(mf, "\"format_version\": 2", "\"format_version\": 99"));
   expect_error(Runner::create(b, 1, &r), "format version", "unknown format version");
   fresh();
   spit(b + "/manifest.json", replace(mf, "\"runtime\": \"executorch\"", "\"runtime\": \"onnxruntime\""));
@@ -171,6 +171,19 @@ static void bundle_tests(const std::string& good, const std::string& tmp) {
   fresh();
   spit(b + "/manifest.json", replace(mf, "\"layer_0\"", "\"layer_zero\""));
   expect_error(Runner::create(b, 1, &r, false), "lacks the method", "unknown method name");
+  // graphs.io: the declared inputs and outputs, what the runner binds by name
+  fresh();
+  spit(b + "/manifest.json", replace(mf, "\"io\": {", "\"io_was\": {"));
+  expect_error(Runner::create(b, 1, &r, false), "no graphs.io section", "manifest without graphs.io");
+  fresh();
+  spit(b + "/manifest.json", replace(mf, "\"name\": \"present.1.value\"", "\"name\": \"present.1.values\""));
+  expect_error(Runner::create(b, 1, &r, false), "lacks present.1.value", "graphs.io without a K/V output");
+  fresh();
+  spit(b + "/manifest.json", replace(mf, "\"dtype\": \"bool\"", "\"dtype\": \"int64\""));
+  expect_error(Runner::create(b, 1, &r, false), "output layer_mask is bool", "declared dtype differs from the .pte");
+  fresh();
+  spit(b + "/manifest.json", replace(mf, "\"dtype\": \"bool\"", "\"dtype\": \"float16\""));
+  expect_error(Runner::create(b, 1, &r, false), "unknown dtype 'float16'", "unknown dtype");
   sh("rm -rf '" + b + "'");
 }
 
