@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from common import N_NEW, USER_MSG, median_runs, peak_rss_mb, table  # noqa: E402
 from export.chat import encode_prompt  # noqa: E402
-from export.generate import TorchBackend  # noqa: E402
+from export.reference import TorchBackend  # noqa: E402
 from export.model import build_first_model  # noqa: E402
 from runtime.loop import SamplingConfig, generate  # noqa: E402
 from runtime.masks import mask_str  # noqa: E402

@@ -18,8 +18,7 @@ from runtime.loop import add_generation_args
 from runtime.masks import parse_mask
 
 from .model import build_first_model
-# TorchBackend and eos_ids are read from here by modules not yet switched to export.reference
-from .reference import TorchBackend, eos_ids, run_generation  # noqa: F401
+from .reference import run_generation
 
 
 @cli_main

@@ -85,7 +85,7 @@ def pool_start_cases(n_new: int = 8):
     import numpy as np
     import torch
 
-    from export.generate import TorchBackend
+    from export.reference import TorchBackend
     from runtime.loop import SamplingConfig, generate
 
     fm = reference()
@@ -119,7 +119,7 @@ def end_of_context_case():
     context with every other layer skipped, so the layers' caches end at different lengths."""
     import numpy as np
 
-    from export.generate import TorchBackend
+    from export.reference import TorchBackend
     from runtime.loop import SamplingConfig, generate
 
     fm = reference()

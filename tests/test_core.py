@@ -5,7 +5,7 @@ import torch
 
 from export.reference import TorchBackend
 from export.model import FirstModel
-from helpers import VOCAB, randomize_routers, tiny_first, tiny_hf
+from helpers import VOCAB, randomize_routers, tiny_first
 from runtime.errors import FirstEdgeError
 from runtime.loop import SamplingConfig, generate
 from runtime.masks import budget_mask, check_mask, make_mask, parse_mask, threshold_mask

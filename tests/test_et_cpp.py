@@ -43,7 +43,7 @@ def test_ctest(build_dir, bundle):
 def test_cpp_parity_with_reference(build_dir, bundle):
     """Same >= 10 prompts x 3 masks as the Python runner: mask, scores, greedy tokens identical; logits 1e-3;
     skipped layer methods never called (the runner's call counts)."""
-    from export.generate import TorchBackend
+    from export.reference import TorchBackend
 
     fm = reference()
     L, V = fm.n_layers, fm.vocab_size

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from export.loading import check_model_dir, load_model
-from export.model import FirstModel, build_first_model
+from export.model import build_first_model
 from helpers import randomize_routers, save_tiny_model_dir, tiny_first
 from runtime.errors import FirstEdgeError
 
