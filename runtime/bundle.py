@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
-from typing import Any, Dict, List
+import os
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any, Dict, List, Set
 
 from .errors import FirstEdgeError
 from .masks import pinned_array
 
-FORMAT_VERSION = 2  # 2: graphs.io, the one I/O schema of every graph (runtime/graph_io.py)
+FORMAT_VERSION = 2  # 2: graphs.io (runtime/graph_io.py); files as {name: {"sha256", "bytes"}}
 MANIFEST = "manifest.json"
 TOOL_VERSION = "first-edge 0.1.0"
 RUNTIMES = ("onnxruntime", "executorch")
@@ -34,19 +36,70 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def write_manifest(bundle_dir, manifest: Dict[str, Any]) -> Path:
-    """Fill in format version, tool and the sha256 of every file in the folder; write manifest.json."""
+    """Fill in format version, tool and the size and sha256 of every file in the folder; write manifest.json
+    (write-then-rename: a reader never sees half a manifest)."""
     d = Path(bundle_dir)
     manifest = dict(manifest)
     manifest["format_version"] = FORMAT_VERSION
     manifest.setdefault("tool", TOOL_VERSION)
     files = {}
     for p in sorted(d.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(d).as_posix()] = sha256_file(p)
+        if p.is_file() and not p.is_symlink() and p.name != MANIFEST and not p.name.startswith(MANIFEST + "."):
+            files[p.relative_to(d).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     manifest["files"] = files
     out = d / MANIFEST
-    out.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    tmp = d / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    os.replace(tmp, out)
     return out
+
+
+_ONNX_LOCATION = re.compile(rb"\x0a\x08location\x12")
+
+
+def onnx_external_locations(path: Path) -> Set[str]:
+    """The external-data files an ONNX graph names (TensorProto.external_data entries ``location``), read
+    from the protobuf bytes without the onnx package: each is a StringStringEntryProto, field 1 = b"location",
+    field 2 = the file name."""
+    data = Path(path).read_bytes()
+    out = set()
+    for m in _ONNX_LOCATION.finditer(data):
+        i, n, shift = m.end(), 0, 0
+        while i < len(data):  # varint length
+            b = data[i]
+            n |= (b & 0x7F) << shift
+            i += 1
+            shift += 7
+            if not b & 0x80 or shift > 35:
+                break
+        out.add(data[i:i + n].decode("utf-8", "replace"))
+    return out
+
+
+def confined(root: Path, name) -> Path:
+    """``root / name`` for a manifest file name that stays inside the bundle folder: a relative POSIX path
+    without ``..`` whose real path (symlinks resolved) is under the folder's real path; else a one-line
+    FirstEdgeError. Nothing is read."""
+    pp = PurePosixPath(name) if isinstance(name, str) else None
+    if pp is None or not name or "\\" in name or "\x00" in name or pp.is_absolute() or ".." in pp.parts:
+        raise FirstEdgeError(f"manifest names a file outside the bundle: {name!r}")
+    p = root / pp
+    real_root = root.resolve()
+    if not p.resolve().is_relative_to(real_root):
+        raise FirstEdgeError(f"bundle file {name} leaves the bundle folder (a link to {p.resolve()})")
+    return p
+
+
+def _links_leaving(root: Path) -> List[str]:
+    """Links anywhere in the folder that resolve outside it (a graph could name such a file)."""
+    real_root = root.resolve()
+    bad = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            if p.is_symlink() and not p.resolve().is_relative_to(real_root):
+                bad.append(p.relative_to(root).as_posix())
+    return bad
 
 
 class Bundle:
@@ -88,10 +141,22 @@ class Bundle:
             raise FirstEdgeError(f"manifest dims inconsistent: n_heads {model['n_heads']} is not a multiple of "
                                  f"n_kv_heads {model['n_kv_heads']}")
         routing = m.get("routing", {})
+        if not isinstance(routing, dict):
+            raise FirstEdgeError("manifest 'routing' section must be an object")
         if "pool_start" in routing:
             ps = routing["pool_start"]
             if isinstance(ps, bool) or not isinstance(ps, int) or ps < 0:
                 raise FirstEdgeError(f"manifest routing.pool_start must be a non-negative integer, got {ps!r}")
+        thr = routing.get("default_threshold", 0.5)
+        if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0.0 <= thr <= 1.0:
+            raise FirstEdgeError(f"manifest routing.default_threshold must be a number in [0, 1], got {thr!r}")
+        tokens = m.get("tokens", {})
+        eos = tokens.get("eos_ids", []) if isinstance(tokens, dict) else None
+        if not isinstance(eos, list) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in eos):
+            raise FirstEdgeError("manifest tokens.eos_ids must be a list of token ids")
+        chat = m.get("chat", {})
+        if not isinstance(chat, dict) or not all(isinstance(chat.get(k, ""), str) for k in ("prefix", "suffix")):
+            raise FirstEdgeError("manifest chat.prefix and chat.suffix must be strings")
         pinned = routing.get("pinned", [])
         if not isinstance(pinned, list) or any(isinstance(p, bool) or not isinstance(p, int) for p in pinned):
             raise FirstEdgeError(f"manifest routing.pinned must be a list of layer indices, got {pinned!r}")
@@ -99,25 +164,63 @@ class Bundle:
             pinned_array(model["n_layers"], pinned)  # the one pinned-layer rule (runtime/masks.py)
         except FirstEdgeError as e:
             raise FirstEdgeError(f"manifest routing.pinned: {e}") from None
-        files = m.get("files")
+        self._check_files(m.get("files"), verify_hashes)
+
+    def _check_files(self, files, verify_hashes: bool):
+        """Every file the runtimes will open is listed, inside the folder, of its listed size and hash; in that
+        order, so nothing outside the folder is read and nothing is hashed that has the wrong size."""
         if not isinstance(files, dict) or not files:
             raise FirstEdgeError("manifest lists no files")
+        for name, entry in files.items():
+            confined(self.path, name)
+            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                    and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]) and isinstance(entry.get("bytes"), int)
+                    and not isinstance(entry["bytes"], bool) and entry["bytes"] >= 0):
+                raise FirstEdgeError(f"manifest entry of {name} must be {{\"sha256\": 64 hex digits, \"bytes\": a size}}")
+        leaving = _links_leaving(self.path)
+        if leaving:
+            raise FirstEdgeError(f"bundle folder holds a link that leaves it: {leaving[0]}")
         for name in self.required_files():
             if name not in files:
                 raise FirstEdgeError(f"manifest does not list the required file {name}")
-        for name, digest in files.items():
+        for name, entry in files.items():
             p = self.path / name
             if not p.is_file():
                 raise FirstEdgeError(f"bundle file missing: {name} (listed in the manifest)")
-            if verify_hashes and sha256_file(p) != digest:
+            size = p.stat().st_size
+            if verify_hashes and size != entry["bytes"]:  # integrity: the size first (cheap), then the hash
+                raise FirstEdgeError(f"bundle file {name} has {size} bytes, the manifest says {entry['bytes']} "
+                                     f"(truncated or modified)")
+            if verify_hashes and sha256_file(p) != entry["sha256"]:
                 raise FirstEdgeError(f"bundle file {name} does not match its sha256 in the manifest "
                                      f"(corrupt or modified)")
+        for name in files:
+            if name.endswith(".onnx"):  # ONNX external data: only files the manifest lists (so checked above)
+                for loc in sorted(onnx_external_locations(self.path / name)):
+                    if loc not in files:
+                        raise FirstEdgeError(f"graph {name} reads external data {loc!r} that the manifest does not list")
 
     # -- convenience accessors
     def required_files(self) -> List[str]:
+        """tokenizer.json and every graph file the manifest's graphs section names (the runtimes open no other)."""
         g = self.manifest.get("graphs", {})
-        req = ["tokenizer.json"] + list(g.get("files", []))
-        return req
+        if not isinstance(g, dict):
+            raise FirstEdgeError("manifest 'graphs' section must be an object")
+        named = g.get("files") or []
+        if not isinstance(named, list):
+            raise FirstEdgeError("manifest graphs.files must be a list of file names")
+        named = list(named)
+        for key in ("prefill", "decode"):
+            if isinstance(g.get(key), str):
+                named.append(g[key])
+        split = g.get("split")
+        if isinstance(split, dict):
+            named += [v for v in (split.get("embed"), split.get("head")) if isinstance(v, str)]
+            layers = split.get("layers") or []
+            named += [v for v in (layers if isinstance(layers, list) else []) if isinstance(v, str)]
+        if not all(isinstance(n, str) for n in named):
+            raise FirstEdgeError("manifest graphs section names a file that is not a string")
+        return ["tokenizer.json"] + list(dict.fromkeys(named))
 
     @property
     def model(self) -> Dict[str, Any]:

@@ -198,6 +198,7 @@ def _edit_manifest(path, fn, rehash=True):
     ("wrong_kv_heads", "n_kv_heads"),
     ("fused_shape", "split"),
     ("modified_pte", "sha256"),
+    ("longer_pte", "bytes, the manifest says"),
     ("bad_pool_start", "routing.pool_start"),
     ("no_io", "no graphs.io section"),
     ("io_lacks_output", "lacks present.1.value"),
@@ -223,7 +224,13 @@ def test_bad_bundles(bundle, case, expect):
         _edit_manifest(b, lambda m: m["graphs"].pop("io"))
     elif case == "io_lacks_output":
         _edit_manifest(b, lambda m: m["graphs"]["io"]["prefill"]["outputs"].pop(3 + 2 * 1 + 1))
-    elif case == "modified_pte":
+    elif case == "modified_pte":  # same size: the hash finds it
+        with open(b / "model.pte", "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 1]))
+    elif case == "longer_pte":  # the size finds it before hashing
         with open(b / "model.pte", "ab") as f:
             f.write(b"x")
     with pytest.raises(FirstEdgeError, match=expect):

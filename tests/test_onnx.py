@@ -1,6 +1,7 @@
 """ONNX export + ONNX Runtime backend (issue 4): parity with the PyTorch reference, real skipping,
 in-place KV buffers, quantized builds, bad bundles, CLI."""
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -72,7 +73,8 @@ def test_bundle_manifest_lists_graphs_and_hashes(bundle_dir):
     assert g["decode_shape"] in ("fused", "split") and sorted(g["decode_shapes"]) == ["fused", "split"]
     for f in ["prefill.onnx", "decode.onnx", "embed.onnx", "head.onnx", "layer_0.onnx", "tokenizer.json", "report.md"]:
         assert f in m["files"], f
-        assert sha256_file(Path(bundle_dir) / f) == m["files"][f]
+        assert m["files"][f] == {"sha256": sha256_file(Path(bundle_dir) / f),
+                                 "bytes": (Path(bundle_dir) / f).stat().st_size}
     assert all(f in m["files"] for f in g["files"])
     assert m["model"]["max_context"] == MAX_CTX and m["routing"]["pinned"] == [0]
 
@@ -367,14 +369,62 @@ def test_bad_bundle_pinned(bundle_dir, tmp_path, value, match):
     assert "\n" not in str(e.value)
 
 
+def _rename_entry(m, old, new):
+    m["files"][new] = m["files"].pop(old)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("dotdot", "manifest names a file outside the bundle: '../tokenizer.json'"),
+    ("absolute", "manifest names a file outside the bundle: '/etc/passwd'"),
+    ("backslash", "manifest names a file outside the bundle"),
+    ("symlink_listed", "bundle file tokenizer.json leaves the bundle folder"),
+    ("symlink_unlisted", "bundle folder holds a link that leaves it: extra.data"),
+    ("graph_not_listed", "manifest does not list the required file ../decode.onnx"),
+    ("external_data_not_listed", "graph decode.onnx reads external data 'decode.onnx.data' that the manifest does not list"),
+    ("entry_malformed", "manifest entry of report.md must be"),
+])
+def test_bad_bundle_file_access_is_confined(bundle_dir, tmp_path, case, match):
+    """Every path a manifest names resolves inside the bundle folder, else it is refused before it is read."""
+    d = _copy(bundle_dir, tmp_path)
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    if case == "dotdot":
+        _edit_manifest(d, lambda m: _rename_entry(m, "tokenizer.json", "../tokenizer.json"))
+    elif case == "absolute":
+        _edit_manifest(d, lambda m: _rename_entry(m, "tokenizer.json", "/etc/passwd"))
+    elif case == "backslash":
+        _edit_manifest(d, lambda m: _rename_entry(m, "report.md", "..\\report.md"))
+    elif case == "symlink_listed":
+        (d / "tokenizer.json").unlink()
+        (d / "tokenizer.json").symlink_to(outside)
+    elif case == "symlink_unlisted":
+        (d / "extra.data").symlink_to(outside)
+    elif case == "graph_not_listed":
+        _edit_manifest(d, lambda m: m["graphs"].update(decode="../decode.onnx"))
+    elif case == "external_data_not_listed":
+        _edit_manifest(d, lambda m: (m["files"].pop("decode.onnx.data"), m["graphs"]["files"].remove("decode.onnx.data")))
+    elif case == "entry_malformed":
+        _edit_manifest(d, lambda m: m["files"].update({"report.md": "0" * 64}))
+    with pytest.raises(FirstEdgeError, match=re.escape(match) if "'" in match else match) as e:
+        Bundle(d)
+    assert "\n" not in str(e.value)
+
+
+def test_onnx_external_locations_reads_every_graph(bundle_dir):
+    from runtime.bundle import onnx_external_locations
+
+    assert onnx_external_locations(Path(bundle_dir) / "decode.onnx") == {"decode.onnx.data"}
+    assert onnx_external_locations(Path(bundle_dir) / "layer_2.onnx") == {"layer_2.onnx.data"}
+
+
 def test_bad_bundle_truncated_onnx(bundle_dir, tmp_path):
     d = _copy(bundle_dir, tmp_path)
     f = d / "decode.onnx"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(FirstEdgeError, match="decode.onnx does not match its sha256"):
+    with pytest.raises(FirstEdgeError, match=r"decode.onnx has \d+ bytes, the manifest says \d+ \(truncated or modified\)"):
         _load(d)
     # even with a manifest that agrees with the truncated file, loading fails with a clear message
-    _edit_manifest(d, lambda m: m["files"].update({"decode.onnx": sha256_file(f)}))
+    _edit_manifest(d, lambda m: m["files"].update({"decode.onnx": {"sha256": sha256_file(f), "bytes": f.stat().st_size}}))
     with pytest.raises(FirstEdgeError, match="cannot load graph decode.onnx"):
         _load(d)
 

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <fstream>
 #include <numeric>
@@ -271,20 +272,54 @@ Status load_bundle_info(const std::string& dir_in, BundleInfo* out, bool verify_
   // files + hashes
   const Json& files = m["files"];
   if (!files.is_obj() || files.obj.empty()) return Status::Error("manifest lists no files");
+  // every listed file: a name inside the folder (checked before anything is read), an entry
+  // {"sha256": 64 hex digits, "bytes": size}, the size before the hash
+  char* real_dir_c = realpath(dir.c_str(), nullptr);
+  if (!real_dir_c) return Status::Error("cannot resolve the bundle folder " + dir);
+  std::string real_dir(real_dir_c);
+  std::free(real_dir_c);
+  for (const auto& kv : files.obj) {
+    const std::string& name = kv.first;
+    bool bad = name.empty() || name[0] == '/' || name.find('\\') != std::string::npos ||
+               name.find('\0') != std::string::npos;
+    for (size_t a = 0; !bad && a <= name.size();) {  // no ".." path component
+      size_t b = name.find('/', a);
+      if (b == std::string::npos) b = name.size();
+      bad = name.compare(a, b - a, "..") == 0 && b - a == 2;
+      a = b + 1;
+    }
+    if (bad) return Status::Error("manifest names a file outside the bundle: " + name);
+    const Json& e = kv.second;
+    int64_t bytes = -1;
+    if (!e.is_obj() || !e["sha256"].is_str() || e["sha256"].str.size() != 64 || !e["bytes"].as_int(&bytes) || bytes < 0)
+      return Status::Error("manifest entry of " + name + " must be {\"sha256\": 64 hex digits, \"bytes\": a size}");
+    std::string p = dir + "/" + name;
+    char* rp = realpath(p.c_str(), nullptr);
+    if (rp) {
+      std::string real(rp);
+      std::free(rp);
+      if (real.compare(0, real_dir.size() + 1, real_dir + "/") != 0)
+        return Status::Error("bundle file " + name + " leaves the bundle folder (a link to " + real + ")");
+    }
+  }
   for (const char* req : {"tokenizer.json"})
     if (!files.has(req)) return Status::Error(std::string("manifest does not list the required file ") + req);
   if (!files.has(info.pte_file)) return Status::Error("manifest does not list the required file " + info.pte_file);
   for (const auto& kv : files.obj) {
     const std::string& name = kv.first;
-    if (name.find("..") != std::string::npos || (!name.empty() && name[0] == '/'))
-      return Status::Error("manifest lists a file outside the bundle: " + name);
     std::string p = dir + "/" + name;
-    bool d = false;
-    if (!file_exists(p, &d) || d) return Status::Error("bundle file missing: " + name + " (listed in the manifest)");
-    if (verify_hashes) {
+    struct stat st;
+    if (stat(p.c_str(), &st) != 0 || !S_ISREG(st.st_mode))
+      return Status::Error("bundle file missing: " + name + " (listed in the manifest)");
+    if (verify_hashes) {  // integrity: the size first (cheap), then the hash
+      int64_t bytes = 0;
+      kv.second["bytes"].as_int(&bytes);
+      if ((int64_t)st.st_size != bytes)
+        return Status::Error("bundle file " + name + " has " + std::to_string((long long)st.st_size) +
+                             " bytes, the manifest says " + std::to_string((long long)bytes) + " (truncated or modified)");
       std::string hex;
       if (!sha256_file(p, &hex, &err)) return Status::Error(err);
-      if (hex != kv.second.str)
+      if (hex != kv.second["sha256"].str)
         return Status::Error("bundle file " + name + " does not match its sha256 in the manifest (corrupt or modified)");
     }
   }

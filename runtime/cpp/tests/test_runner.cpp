@@ -161,7 +161,25 @@ static void bundle_tests(const std::string& good, const std::string& tmp) {
   expect_error(Runner::create(b, 1, &r), "missing: model.pte", "missing model.pte");
   fresh();
   sh("printf 'x' >> '" + b + "/model.pte'");
-  expect_error(Runner::create(b, 1, &r), "sha256", "modified model.pte");
+  expect_error(Runner::create(b, 1, &r), "bytes, the manifest says", "longer model.pte (size before hash)");
+  fresh();
+  sh("printf 'X' | dd of='" + b + "/model.pte' bs=1 seek=100 conv=notrunc 2>/dev/null");
+  expect_error(Runner::create(b, 1, &r), "sha256", "modified model.pte (same size)");
+  // confined file access: names and links that leave the folder are refused before anything is read
+  fresh();
+  spit(b + "/manifest.json", replace(mf, "\"tokenizer.json\": {", "\"../tokenizer.json\": {"));
+  expect_error(Runner::create(b, 1, &r), "outside the bundle: ../tokenizer.json", "file name with ..");
+  fresh();
+  spit(b + "/manifest.json", replace(mf, "\"tokenizer.json\": {", "\"/etc/passwd\": {"));
+  expect_error(Runner::create(b, 1, &r), "outside the bundle: /etc/passwd", "absolute file name");
+  fresh();
+  sh("mv '" + b + "/tokenizer.json' '" + tmp + "/outside.json' && ln -s '" + tmp + "/outside.json' '" + b +
+     "/tokenizer.json'");
+  expect_error(Runner::create(b, 1, &r), "leaves the bundle folder", "symlink leaving the folder");
+  sh("rm -f '" + tmp + "/outside.json'");
+  fresh();
+  spit(b + "/manifest.json", replace(mf, "\"sha256\": \"", "\"sha256\": \"x"));
+  expect_error(Runner::create(b, 1, &r), "must be {\"sha256\"", "malformed file entry");
   fresh();
   spit(b + "/model.pte", "garbage");
   expect_error(Runner::create(b, 1, &r, /*verify_hashes=*/false), "cannot load", "garbage .pte (hash check off)");
