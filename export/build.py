@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
-from runtime.bundle import TOOL_VERSION, write_manifest
+from runtime.bundle import TOOL_VERSION, Bundle, write_manifest
 from runtime.errors import FirstEdgeError, cli_main
 from runtime.graph_io import Dims, graph_io, to_json
 
@@ -86,8 +88,31 @@ def build(target: str, out, model: Optional[str] = None, run: Optional[str] = No
     if mpe and max_context > mpe:
         raise FirstEdgeError(f"--max-context {max_context} exceeds the model's {mpe} positions")
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
+    if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
+        raise FirstEdgeError(f"{out} exists and is not a bundle; choose another --out (nothing was overwritten)")
+    # write everything into a temporary folder beside the target; it replaces the target only once the
+    # bundle is complete and validated, so a killed build leaves the previous bundle (or nothing)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.building-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        _write_bundle(fm, tok, tmp, target, runtime, mod_name, run, quantize, max_context, verbose, opts)
+        Bundle(tmp)  # the device-side validation: files, sizes, hashes, I/O schema
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if verbose:
+        print(f"[first-edge] bundle written: {out}", file=sys.stderr)
+    return out
+
+
+def _write_bundle(fm, tok, out: Path, target: str, runtime: str, mod_name: str, run, quantize: str, max_context: int,
+                  verbose: bool, opts: dict) -> None:
     common = write_common(fm, tok, out, run)
     mod = importlib.import_module(mod_name)
     graphs = mod.build_graphs(fm, out, quantize=quantize, max_context=max_context, verbose=verbose, **opts)
@@ -103,9 +128,6 @@ def build(target: str, out, model: Optional[str] = None, run: Optional[str] = No
         "report": "report.md",
     }
     write_manifest(out, manifest)
-    if verbose:
-        print(f"[first-edge] bundle written: {out}", file=sys.stderr)
-    return out
 
 
 @cli_main

@@ -469,7 +469,21 @@ def init_optimizer(run: E2ERun, resume: bool, verbose: bool) -> int:
             print(f"[finetune] resuming {run.out} at step {start}", file=sys.stderr)
     if not resume and run.log_path.exists():
         run.log_path.unlink()
+    elif resume and run.log_path.exists():
+        # a run killed after its last checkpoint logged steps that will run again: keep those before it
+        kept = [x for x in run.log_path.read_text().splitlines() if _log_step(x) < start]
+        tmp = run.log_path.with_suffix(".tmp")
+        tmp.write_text("".join(x + "\n" for x in kept))
+        os.replace(tmp, run.log_path)
     return start
+
+
+def _log_step(line: str) -> float:
+    """The step of a train_log.jsonl line (inf for a line cut short by a kill)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def ensure_lora(run: E2ERun):

@@ -8,6 +8,7 @@ graphs and the device runtimes use (DESIGN.md sections 1-2).
 from __future__ import annotations
 
 import json
+import os
 import numbers
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
@@ -291,12 +292,17 @@ class FirstModel(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().contiguous().float() for k, v in self.routers.state_dict().items()}
-        save_file(sd, str(path / "routers.safetensors"))
         cfg = {"format": ROUTER_FORMAT, "base_model": self.identity(), "router_width": self.routers[0].fc1.out_features,
                "threshold": self.threshold, "pinned": self.pinned, "pool_start": self._pool_start()}
         if extra:
             cfg.update(extra)
-        (path / "routers.json").write_text(json.dumps(cfg, indent=2))
+        # write-then-rename, routers.json last: a run folder with routers.json holds complete routers
+        tmp = path / "routers.safetensors.tmp"
+        save_file(sd, str(tmp))
+        os.replace(tmp, path / "routers.safetensors")
+        tmp = path / "routers.json.tmp"
+        tmp.write_text(json.dumps(cfg, indent=2))
+        os.replace(tmp, path / "routers.json")
 
     def load_routers(self, path):
         from safetensors import SafetensorError
