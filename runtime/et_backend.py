@@ -146,8 +146,11 @@ class EtProgram:
             raise FirstEdgeError(f"prompt of {T} tokens does not fit the context of {self.max_context}")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise FirstEdgeError(f"token ids must be in 0..{self.vocab_size - 1}")
-        out = self.prefill_m.execute(self._args(self._pre_in, input_ids=th.from_numpy(ids),
-                                                threshold=th.tensor([float(threshold)], dtype=th.float32)))
+        try:
+            out = self.prefill_m.execute(self._args(self._pre_in, input_ids=th.from_numpy(ids),
+                                                    threshold=th.tensor([float(threshold)], dtype=th.float32)))
+        except Exception as e:  # noqa: BLE001  (a damaged program can fail only when it runs)
+            raise FirstEdgeError(f"the prefill method failed: {first_line(e)}") from None
         self.method_calls["prefill"] += 1
         o = self._pre_out
         for l in range(self.n_layers):
@@ -161,6 +164,14 @@ class EtProgram:
                 out[o["layer_mask"]].numpy().astype(bool, copy=True))
 
     def decode(self, token: int, position: int, mask: np.ndarray) -> np.ndarray:
+        try:
+            return self._decode(token, position, mask)
+        except FirstEdgeError:
+            raise
+        except Exception as e:  # noqa: BLE001  (a damaged program can fail only when it runs)
+            raise FirstEdgeError(f"a decode method failed: {first_line(e)}") from None
+
+    def _decode(self, token: int, position: int, mask: np.ndarray) -> np.ndarray:
         if not 0 <= position < self.max_context:
             raise FirstEdgeError(f"position {position} is outside the context of {self.max_context}")
         if not 0 <= token < self.vocab_size:

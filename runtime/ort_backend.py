@@ -46,8 +46,11 @@ ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "int32": "ten
 
 
 def _shapes(graphs: dict) -> List[str]:
-    """The decode shapes a bundle's graphs section holds."""
-    return list(graphs.get("decode_shapes") or [graphs.get("decode_shape", "fused")])
+    """The decode shapes a bundle's graphs section holds (fused and/or split)."""
+    shapes = graphs.get("decode_shapes") or [graphs.get("decode_shape", "fused")]
+    if not isinstance(shapes, list) or not shapes or not all(x in ("fused", "split") for x in shapes):
+        raise FirstEdgeError(f"manifest graphs.decode_shapes must list fused and/or split, got {shapes!r}")
+    return list(shapes)
 
 
 def session_options(threads: int = 2):
@@ -130,9 +133,13 @@ class OrtBackend:
             self._bind_fused()
         else:
             sp = graphs.get("split") or {}
+            if not isinstance(sp, dict):
+                raise FirstEdgeError("manifest graphs.split must be an object naming the split graph files")
             self.embed_sess = self._session(sp.get("embed", "embed.onnx"), profile=bool(profile))
             self._check(self.embed_sess, "embed", sp.get("embed", "embed.onnx"))
             layer_files = sp.get("layers") or [f"layer_{l}.onnx" for l in range(L)]
+            if not isinstance(layer_files, list):
+                raise FirstEdgeError("manifest graphs.split.layers must be a list of file names")
             if len(layer_files) != L:
                 raise FirstEdgeError(f"bundle dims do not match the graphs: {len(layer_files)} layer graphs for "
                                      f"n_layers={L}")
@@ -145,6 +152,8 @@ class OrtBackend:
 
     def _session(self, name: str, profile: bool):
         ort = self.ort
+        if not isinstance(name, str) or not name:
+            raise FirstEdgeError(f"manifest names a graph file {name!r}, not a file name")
         f = self.path / name
         if not f.is_file():
             raise FirstEdgeError(f"bundle file missing: {name}")
@@ -246,7 +255,10 @@ class OrtBackend:
             raise FirstEdgeError(f"prompt has {T} tokens; this bundle's context is {self.max_context} tokens")
         if ids.min() < 0 or ids.max() >= self.vocab:
             raise FirstEdgeError(f"token id out of range for a vocabulary of {self.vocab}")
-        outs = self.prefill_sess.run(None, {"input_ids": ids, "threshold": np.array([threshold], F32)})
+        try:
+            outs = self.prefill_sess.run(None, {"input_ids": ids, "threshold": np.array([threshold], F32)})
+        except Exception as e:  # noqa: BLE001  (a damaged graph can fail only when it runs)
+            raise FirstEdgeError(f"the prefill graph failed: {first_line(e)}") from None
         res = dict(zip(self._prefill_out, outs))
         for l in range(self.n_layers):
             self.k[l][:, :, :T] = res[f"present.{l}.key"]
@@ -271,13 +283,16 @@ class OrtBackend:
             raise FirstEdgeError(f"position {position} is outside this bundle's context of {self.max_context}")
         self._ids[0, 0] = token
         self._pos[0] = position
-        if self.decode_shape == "fused":
-            self.decode_sess.run_with_iobinding(self._binding)
-        else:
-            self.embed_sess.run_with_iobinding(self._embed_b)
-            for l in self._kept:
-                self.layer_sess[l].run_with_iobinding(self._layer_b[l])
-            self.head_sess.run_with_iobinding(self._head_b)
+        try:
+            if self.decode_shape == "fused":
+                self.decode_sess.run_with_iobinding(self._binding)
+            else:
+                self.embed_sess.run_with_iobinding(self._embed_b)
+                for l in self._kept:
+                    self.layer_sess[l].run_with_iobinding(self._layer_b[l])
+                self.head_sess.run_with_iobinding(self._head_b)
+        except Exception as e:  # noqa: BLE001  (a damaged graph can fail only when it runs)
+            raise FirstEdgeError(f"a decode graph failed: {first_line(e)}") from None
         self.lengths[self._mask] += 1
         return self._logits[0]
 
