@@ -4,6 +4,8 @@
 #include <executorch/extension/tensor/tensor.h>
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -341,7 +343,45 @@ struct Runner::Impl {
   int emb_ids, emb_pos, emb_h, emb_cos, emb_sin;
   int lay_h, lay_cos, lay_sin, lay_pk, lay_pv, lay_out_h, lay_out_k, lay_out_v;
   int head_h, head_logits;
+  // one thread at a time (a Runner's KV buffers are its state); re-entrant for generate -> prefill/decode
+  std::atomic<bool> busy{false};
+  std::atomic<std::thread::id> owner{};
+  int depth = 0;
 };
+
+namespace {
+// Marks a Runner in use by this thread for the guard's lifetime; another thread gets an error.
+class InUse {
+ public:
+  explicit InUse(Runner::Impl& impl) : impl_(impl) {
+    if (impl_.busy.load() && impl_.owner.load() == std::this_thread::get_id()) {
+      impl_.depth++;
+      ok_ = true;
+      return;
+    }
+    bool expected = false;
+    ok_ = impl_.busy.compare_exchange_strong(expected, true);
+    if (ok_) {
+      impl_.owner.store(std::this_thread::get_id());
+      impl_.depth = 1;
+    }
+  }
+  ~InUse() {
+    if (ok_ && --impl_.depth == 0) {
+      impl_.owner.store(std::thread::id());
+      impl_.busy.store(false);
+    }
+  }
+  bool ok() const { return ok_; }
+  static Status error() {
+    return Status::Error("this Runner is in use by another thread (a Runner is not thread-safe: use one per thread)");
+  }
+
+ private:
+  Runner::Impl& impl_;
+  bool ok_ = false;
+};
+}  // namespace
 
 Runner::~Runner() = default;
 
@@ -442,6 +482,8 @@ Status Runner::prefill(const std::vector<int64_t>& ids_in, float threshold, std:
                        std::vector<float>* scores, std::vector<uint8_t>* mask) {
   const BundleInfo& info = info_;
   Impl& impl = *impl_;
+  InUse in_use(impl);
+  if (!in_use.ok()) return InUse::error();
   int T = (int)ids_in.size();
   if (T == 0) return Status::Error("the prompt is empty");
   if (T >= info.max_context)
@@ -494,6 +536,8 @@ Status Runner::prefill(const std::vector<int64_t>& ids_in, float threshold, std:
 Status Runner::decode(int64_t token, int64_t position, const std::vector<uint8_t>& mask, std::vector<float>* logits) {
   const BundleInfo& info = info_;
   Impl& impl = *impl_;
+  InUse in_use(impl);
+  if (!in_use.ok()) return InUse::error();
   if ((int)mask.size() != info.n_layers)
     return Status::Error("layer mask has length " + std::to_string(mask.size()) + ", the model has " +
                          std::to_string(info.n_layers) + " layers");
@@ -615,6 +659,8 @@ int64_t sample(const std::vector<float>& logits, const GenerateOptions& o, std::
 Status Runner::generate(const std::vector<int64_t>& ids, const GenerateOptions& opt, GenerateResult* res,
                         const std::function<void(int64_t)>& on_token) {
   const BundleInfo& info = info_;
+  InUse in_use(*impl_);
+  if (!in_use.ok()) return InUse::error();
   if (opt.max_new_tokens < 1) return Status::Error("max_new_tokens must be at least 1");
   if (!(opt.temperature >= 0.f)) return Status::Error("temperature must be >= 0");
   if (!(opt.top_p > 0.f && opt.top_p <= 1.f)) return Status::Error("top_p must be in (0, 1]");

@@ -82,6 +82,10 @@ struct GenerateResult {
   }
 };
 
+// A Runner holds one conversation's state (the KV buffers): it is not thread-safe. Use one Runner per
+// thread (several Runners may run at once); a call made while another thread is inside the same Runner
+// returns an error instead of corrupting it. The XNNPACK thread pool is process-wide and `create` with
+// threads > 0 resets it: create the Runners before using them from several threads.
 class Runner {
  public:
   // Validates the bundle and loads every method. threads <= 0 keeps ExecuTorch's default pool.
@@ -101,9 +105,10 @@ class Runner {
   Status generate(const std::vector<int64_t>& ids, const GenerateOptions& opt, GenerateResult* res,
                   const std::function<void(int64_t)>& on_token = nullptr);
 
+  struct Impl;  // opaque: the ExecuTorch module, per-layer KV buffers and lengths, binding positions
+
  private:
   Runner() = default;
-  struct Impl;  // the ExecuTorch module, per-layer KV buffers and lengths, binding positions
   std::unique_ptr<Impl> impl_;
   BundleInfo info_;
 };

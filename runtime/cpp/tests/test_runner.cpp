@@ -3,6 +3,8 @@
 // as a Status with a message, never a crash (run once under AddressSanitizer: -DFIRST_EDGE_ASAN=ON).
 #include <cmath>
 #include <cstdio>
+#include <future>
+#include <thread>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -90,6 +92,43 @@ static void bundle_tests(const std::string& good, const std::string& tmp) {
   s = r->generate({5, 6, 7}, o, &res);
   CHECK(s.ok && res.tokens.size() == 5);
   CHECK(res.layer_calls.size() == (size_t)L && res.layer_calls[1] == 0 && res.layer_calls[0] == 4);
+  // threads: two Runners at once give what each gives alone; one Runner refuses a second thread
+  {
+    std::unique_ptr<Runner> r2;
+    CHECK(Runner::create(good, 1, &r2).ok);
+    GenerateOptions t;
+    t.max_new_tokens = 12;
+    t.ignore_eos = true;
+    GenerateResult a0, b0, a1, b1;
+    CHECK(r->generate({5, 6, 7}, t, &a0).ok && r2->generate({9, 8, 7, 6}, t, &b0).ok);
+    Status sa, sb;
+    std::thread ta([&] { sa = r->generate({5, 6, 7}, t, &a1); });
+    std::thread tb([&] { sb = r2->generate({9, 8, 7, 6}, t, &b1); });
+    ta.join();
+    tb.join();
+    CHECK(sa.ok && sb.ok && a1.tokens == a0.tokens && b1.tokens == b0.tokens);
+    std::promise<void> started, tried;
+    std::shared_future<void> tried_f = tried.get_future().share();
+    bool first = true;
+    Status inside;
+    std::thread owner([&] {
+      inside = r->generate({5, 6, 7}, t, &a1, [&](int64_t) {
+        if (first) {
+          first = false;
+          started.set_value();
+          tried_f.wait();
+        }
+      });
+    });
+    started.get_future().wait();
+    GenerateResult other;
+    expect_error(r->generate({5, 6, 7}, t, &other), "in use by another thread", "one Runner from two threads");
+    std::vector<float> lg2;
+    expect_error(r->decode(3, 3, std::vector<uint8_t>(L, 1), &lg2), "in use by another thread", "decode from another thread");
+    tried.set_value();
+    owner.join();
+    CHECK(inside.ok && a1.tokens == a0.tokens);
+  }
   // bad inputs
   GenerateOptions g;
   expect_error(r->generate({}, g, &res), "empty", "empty prompt");
