@@ -118,9 +118,16 @@ def run_child(script, bundle, args, threads, mask_args, extra=(), env=None) -> d
 
 def ensure_bundle(name, target, model, run, quantize, max_context, rebuild, extra=(), note="") -> Path:
     """dist/bench/NAME, built with ``export.build`` unless it exists (or ``rebuild``)."""
+    from runtime.bundle import Bundle
+    from runtime.errors import FirstEdgeError
+
     out = ROOT / "dist" / "bench" / name
     if (out / "manifest.json").exists() and not rebuild:
-        return out
+        try:
+            Bundle(out, verify_hashes=False)  # e.g. built by an older toolchain (another format version)
+            return out
+        except FirstEdgeError as e:
+            print(f"# rebuilding {out}: {e}", file=sys.stderr)
     cmd = [sys.executable, "-m", "export.build", "--target", target, "--quantize", quantize, "--out", str(out),
            "--max-context", str(max_context), *extra]
     if model:
