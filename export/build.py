@@ -96,6 +96,9 @@ def build(target: str, out, model: Optional[str] = None, run: Optional[str] = No
     for stale in out.parent.glob(f".{out.name}.building-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the bundle's permissions
     try:
         _write_bundle(fm, tok, tmp, target, runtime, mod_name, run, quantize, max_context, verbose, opts)
         Bundle(tmp)  # the device-side validation: files, sizes, hashes, I/O schema

@@ -69,6 +69,10 @@ class EtProgram:
             raise FirstEdgeError(f"ExecuTorch cannot load {pte}: {first_line(e, 200)}") from None
         m = methods or {"prefill": "prefill", "embed": "embed", "head": "head",
                         "layers": [f"layer_{l}" for l in range(self.n_layers)]}
+        if not (isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("prefill", "embed", "head"))
+                and isinstance(m.get("layers"), list) and all(isinstance(x, str) for x in m["layers"])):
+            raise FirstEdgeError("manifest graphs.methods must name the prefill, embed and head methods and list "
+                                 "the layer methods")
         have = set(self.program.method_names)
         need = [m["prefill"], m["embed"], m["head"]] + list(m["layers"])
         missing = [n for n in need if n not in have]

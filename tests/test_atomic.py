@@ -3,6 +3,7 @@ either what was there before or something that is refused clearly, and --resume 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -60,6 +61,9 @@ def test_killed_build_leaves_the_previous_bundle_or_nothing(tiny_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     before = Bundle(out).manifest["files"]
     assert not list(out.parent.glob(".b.*"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # a normal folder, not the temporary folder's 0700
     # killing a rebuild keeps the previous bundle, whole
     assert _kill_when(_build(tiny_dir, out), mid_build)
     assert Bundle(out).manifest["files"] == before

@@ -108,7 +108,12 @@ def _apply(m, path, how, value, factor):
         parent[k] = value
 
 
-def test_fuzz_manifest_fields(bundle, tmp_path_factory):
+@pytest.mark.parametrize("target", ["rpi", "android"])
+def test_fuzz_manifest_fields(bundle, target, tmp_path_factory):
+    if target == "android":
+        from et_helpers import tiny_bundle  # the ExecuTorch test bundle (built once per session)
+
+        bundle = tiny_bundle("none")
     d = tmp_path_factory.mktemp("fuzz_manifest") / "b"
     shutil.copytree(bundle, d)
     mf = d / "manifest.json"
@@ -126,7 +131,7 @@ def test_fuzz_manifest_fields(bundle, tmp_path_factory):
 
     case()
     mf.write_text(json.dumps(good))
-    print(f"[fuzz] manifest: {sum(counts.values())} cases, {counts}")
+    print(f"[fuzz] manifest ({target}): {sum(counts.values())} cases, {counts}")
     assert counts["refused"] > 0
 
 
