@@ -61,6 +61,12 @@ static void unit_tests() {
   CHECK(!Json::parse("[1, 2", &j, &err));
   CHECK(!Json::parse("{} x", &j, &err));
   CHECK(!Json::parse(std::string(200, '['), &j, &err));  // depth limit, no stack overflow
+  {  // as_int on numbers outside int64 (libFuzzer: "n_layers": 1e300 was a float-to-int overflow, UB)
+    int64_t v = 0;
+    CHECK(Json::parse("[1e300, -1e300, 9223372036854775808, -9223372036854775808, 4096, 2.5]", &j, &err));
+    CHECK(!j.arr[0].as_int(&v) && !j.arr[1].as_int(&v) && !j.arr[2].as_int(&v) && !j.arr[5].as_int(&v));
+    CHECK(j.arr[3].as_int(&v) && v == INT64_MIN && j.arr[4].as_int(&v) && v == 4096);
+  }
   Sha256 h;
   h.update((const uint8_t*)"abc", 3);
   CHECK(h.hex() == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");

@@ -28,9 +28,12 @@ struct Json {
     auto it = obj.find(k);
     return it == obj.end() ? null_value : it->second;
   }
-  // integer value if this is an integral number, else `fallback`
+  // integer value if this is an integral number in int64's range, else false (NaN and +-1e300 included:
+  // casting an out-of-range double to int64_t is undefined behaviour; found by libFuzzer)
   bool as_int(int64_t* out) const {
-    if (type != Number || num != (double)(int64_t)num) return false;
+    if (type != Number || !(num >= -9223372036854775808.0 && num < 9223372036854775808.0) ||
+        num != (double)(int64_t)num)
+      return false;
     *out = (int64_t)num;
     return true;
   }
