@@ -11,5 +11,11 @@ if [[ "${FIRST_EDGE_AARCH64:-1}" != 0 ]]; then
   FIRST_EDGE_PYTHON="$VENV/bin/python" bash "$ROOT/scripts/aarch64.sh" --setup-only >/dev/null 2>&1 \
     || echo "[test] aarch64 emulation setup failed: tests/test_aarch64.py will be skipped" >&2
 fi
+# clang with libFuzzer for tests/test_fuzz_cpp.py (Debian's clang-14 unpacked into a cache, a few seconds
+# the first time, nothing installed system-wide); FIRST_EDGE_FUZZ_CPP=0 skips it, a failure skips that test
+if [[ "${FIRST_EDGE_FUZZ_CPP:-1}" != 0 ]]; then
+  bash "$ROOT/scripts/fuzz_cpp.sh" --setup-only >/dev/null 2>&1 \
+    || echo "[test] clang/libFuzzer setup failed: tests/test_fuzz_cpp.py will be skipped" >&2
+fi
 cd "$ROOT"
 exec "$VENV/bin/python" -m pytest -q "$@"
