@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import timedelta
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,8 @@ from runtime.loop import SamplingConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = int(os.environ.get("FIRST_EDGE_FUZZ_EXAMPLES", "60"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+# each case must end within a time bound (no hang); generous for a loaded 2-core CI machine
+FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=30), derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 MAX_CTX = 48
 
@@ -222,4 +224,29 @@ def test_fuzz_runtime_inputs(backends):
 
     case()
     print(f"[fuzz] run-time inputs: {sum(counts.values())} cases, {counts}")
+    assert counts["ok"] > 0 and counts["refused"] > 0
+
+
+def test_fuzz_text_prompts(bundle):
+    """The device CLI's path from text: empty, whitespace-only, very long (past the context), control
+    characters, any Unicode; a correct result or a one-line error."""
+    from runtime.__main__ import main as runtime_main
+
+    counts = {"ok": 0, "refused": 0}
+
+    @seed(3)
+    @FUZZ
+    @given(prompt=st.one_of(st.text(max_size=40), st.sampled_from(["", " ", "\n\t ", "w5 " * 200, "\x00", "\ud7ff"]),
+                            st.text(alphabet="w5 9\n", min_size=100, max_size=400)),
+           n_new=st.integers(0, 8))
+    def case(prompt, n_new):
+        try:
+            runtime_main(["--bundle", str(bundle), "--prompt", prompt, "--max-new-tokens", str(n_new), "--threads", "1"])
+            counts["ok"] += 1
+        except SystemExit as e:  # cli_main: a FirstEdgeError is one line on stderr and exit status 2
+            assert e.code in (0, 2, None), e.code
+            counts["ok" if e.code in (0, None) else "refused"] += 1
+
+    case()
+    print(f"[fuzz] text prompts: {sum(counts.values())} cases, {counts}")
     assert counts["ok"] > 0 and counts["refused"] > 0
