@@ -86,7 +86,12 @@ class EtProgram:
             if got is not None and got != want:
                 raise FirstEdgeError(f"model.pte says {const} = {got}, the manifest says {want} "
                                      f"(bundle dims do not match the graphs)")
-        load = self.program.load_method
+        def load(name):
+            try:
+                return self.program.load_method(name)
+            except Exception as e:  # noqa: BLE001  (a damaged program fails here)
+                raise FirstEdgeError(f"ExecuTorch cannot load method {name} of {Path(pte).name}: {first_line(e)}") from None
+
         self.prefill_m = self._checked(load(m["prefill"]), "prefill", m["prefill"])
         self.embed_m = self._checked(load(m["embed"]), "embed", m["embed"])
         self.head_m = self._checked(load(m["head"]), "head", m["head"])

@@ -162,7 +162,8 @@ Status Runner::create(const std::string& bundle_dir, int threads, std::unique_pt
   r->impl_.reset(new Impl());
   Impl& impl = *r->impl_;
   impl.module.reset(new Module(info.path + "/" + info.pte_file, Module::LoadMode::Mmap));
-  auto err = impl.module->load();
+  // InternalConsistency: the flatbuffer is verified at load (a bundle is untrusted input)
+  auto err = impl.module->load(executorch::runtime::Program::Verification::InternalConsistency);
   if (err != executorch::runtime::Error::Ok)
     return Status::Error("ExecuTorch cannot load " + info.pte_file + " (" + et_error(err) + ")");
   auto names = impl.module->method_names();
