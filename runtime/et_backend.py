@@ -99,9 +99,15 @@ class EtProgram:
         # where each argument goes and each result comes from, by name
         self._pre_in = index(io["prefill"]["inputs"])
         self._pre_out = index(io["prefill"]["outputs"])
-        self._emb_in, self._emb_out = index(io["embed"]["inputs"]), index(io["embed"]["outputs"])
-        self._lay_in, self._lay_out = index(io["layer"]["inputs"]), index(io["layer"]["outputs"])
-        self._head_in, self._head_out = index(io["head"]["inputs"]), index(io["head"]["outputs"])
+        emb_out, lay_in, lay_out = index(io["embed"]["outputs"]), index(io["layer"]["inputs"]), index(io["layer"]["outputs"])
+        head_in = index(io["head"]["inputs"])
+        self._emb = (emb_out["hidden_states"], emb_out["cos"], emb_out["sin"])
+        self._lay = (lay_in["hidden_states"], lay_in["cos"], lay_in["sin"], lay_in["past_key_values.{l}.key"],
+                     lay_in["past_key_values.{l}.value"])
+        self._lay_out = (lay_out["hidden_states_out"], lay_out["present.{l}.key"], lay_out["present.{l}.value"])
+        self._head = (head_in["hidden_states"], index(io["head"]["outputs"])["logits"])
+        # argument lists reused by every decode step (filled in place)
+        self._layer_args, self._head_args = [None] * len(lay_in), [None] * len(head_in)
         shape = (self.max_context, self.n_kv, self.hd)
         self.k = [np.zeros(shape, np.float32) for _ in range(self.n_layers)]
         self.v = [np.zeros(shape, np.float32) for _ in range(self.n_layers)]
@@ -112,6 +118,7 @@ class EtProgram:
         self.method_calls = Counter()
         self._tok = th.zeros((1, 1), dtype=th.int64)
         self._pos = th.zeros((1,), dtype=th.int64)
+        self._embed_args = self._args(index(io["embed"]["inputs"]), input_ids=self._tok, position=self._pos)
 
     def _checked(self, method, graph: str, name: str):
         """``method``'s inputs and outputs have the count, dtypes and fixed sizes the I/O contract declares."""
@@ -187,22 +194,23 @@ class EtProgram:
             raise FirstEdgeError(f"token id {token} is outside the vocabulary (0..{self.vocab_size - 1})")
         self._tok[0, 0] = int(token)
         self._pos[0] = int(position)
-        e = self.embed_m.execute(self._args(self._emb_in, input_ids=self._tok, position=self._pos))
-        eo, li, lo = self._emb_out, self._lay_in, self._lay_out
-        h, cos, sin = e[eo["hidden_states"]], e[eo["cos"]], e[eo["sin"]]
-        args = [None] * len(li)
-        args[li["cos"]], args[li["sin"]] = cos, sin
-        pk, pv, ph = li["past_key_values.{l}.key"], li["past_key_values.{l}.value"], li["hidden_states"]
+        e = self.embed_m.execute(self._embed_args)
+        h = e[self._emb[0]]
+        args = self._layer_args
+        ph, pcos, psin, pk, pv = self._lay
+        oh, ok, ov = self._lay_out
+        args[pcos], args[psin] = e[self._emb[1]], e[self._emb[2]]
         for l in np.flatnonzero(mask):
             n = self.lengths[l]
             args[ph], args[pk], args[pv] = h, self.kt[l][None, :n], self.vt[l][None, :n]
             r = self.layer_m[l].execute(args)
-            h = r[lo["hidden_states_out"]]
-            self.k[l][n] = r[lo["present.{l}.key"]].numpy().reshape(self.n_kv, self.hd)  # in place, one entry
-            self.v[l][n] = r[lo["present.{l}.value"]].numpy().reshape(self.n_kv, self.hd)
+            h = r[oh]
+            self.k[l][n] = r[ok].numpy().reshape(self.n_kv, self.hd)  # in place, one entry
+            self.v[l][n] = r[ov].numpy().reshape(self.n_kv, self.hd)
             self.lengths[l] = n + 1
             self.layer_calls[int(l)] += 1
-        logits = self.head_m.execute(self._args(self._head_in, hidden_states=h))[self._head_out["logits"]]
+        self._head_args[self._head[0]] = h
+        logits = self.head_m.execute(self._head_args)[self._head[1]]
         return logits.numpy().reshape(-1)
 
 

@@ -60,52 +60,26 @@ done
 
 die() { echo "error: $*" >&2; exit 2; }
 log() { echo "[aarch64] $*" >&2; }
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
 
 [[ "$(uname -m)" == x86_64 ]] || die "this script emulates aarch64 on an x86_64 host (this is $(uname -m))"
 command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || die "needs apt-get and dpkg-deb (Debian)"
 [[ -r "$KEYRING" ]] || die "missing $KEYRING (debian-archive-keyring)"
 
-APT_OPTS=(-o "Dir::State=$CACHE/apt/state" -o "Dir::State::status=$CACHE/apt/status"
-  -o "Dir::Cache=$CACHE/apt/cache" -o "Dir::Etc::SourceList=$CACHE/apt/sources.list"
-  -o "Dir::Etc::SourceParts=/dev/null" -o "Dir::Etc::Preferences=/dev/null" -o "Dir::Etc::PreferencesParts=/dev/null"
-  -o "APT::Architecture=arm64" -o "APT::Architectures::=arm64" -o "APT::Architectures::=amd64"
-  -o "APT::Sandbox::User=$(id -un)" -o "Debug::NoLocking=1")
-
-# a stamp holds what a step was done with; the step is redone when that changes (or was interrupted)
-stamp_ok() { [[ -f "$CACHE/.stamp-$1" && "$(cat "$CACHE/.stamp-$1")" == "$2" ]]; }
-stamp_set() { printf '%s' "$2" > "$CACHE/.stamp-$1"; }
+# shellcheck source=scripts/debian_cache.sh
+source "$REPO/scripts/debian_cache.sh"
 
 setup() {
   local t0 t step_key pins
   t0=$(now)
-  mkdir -p "$CACHE/apt/state/lists/partial" "$CACHE/apt/cache/archives/partial" "$CACHE/apt/debs"
-  touch "$CACHE/apt/status"
-
-  step_key="$MIRROR $SECURITY"
-  if ! stamp_ok apt "$step_key"; then
-    t=$(now); log "apt-get update (private configuration, arm64 + amd64)"
-    cat > "$CACHE/apt/sources.list" <<EOF
-deb [signed-by=$KEYRING] $MIRROR bookworm main
+  apt_private_init arm64 arm64 amd64
+  apt_private_update "deb [signed-by=$KEYRING] $MIRROR bookworm main
 deb [signed-by=$KEYRING] $MIRROR bookworm-updates main
-deb [signed-by=$KEYRING] $SECURITY bookworm-security main
-EOF
-    apt-get -q "${APT_OPTS[@]}" update >&2
-    stamp_set apt "$step_key"; rm -f "$CACHE"/.stamp-debs; log "  done in $(since "$t") s"
-  fi
-
-  step_key="$ARM64_PKGS qemu-user-static:amd64"
-  if ! stamp_ok debs "$step_key"; then
-    t=$(now); log "apt-get download: python3.11 + libraries (arm64), qemu-user-static (amd64)"
-    rm -f "$CACHE"/apt/debs/*.deb
-    local pkgs=() p
-    for p in $ARM64_PKGS; do
-      case "$p" in readline-common|media-types|libtirpc-common) pkgs+=("$p") ;; *) pkgs+=("$p:arm64") ;; esac
-    done
-    (cd "$CACHE/apt/debs" && apt-get -q "${APT_OPTS[@]}" download "${pkgs[@]}" qemu-user-static:amd64 >&2)
-    stamp_set debs "$step_key"; rm -f "$CACHE"/.stamp-root "$CACHE"/.stamp-qemu; log "  done in $(since "$t") s"
-  fi
+deb [signed-by=$KEYRING] $SECURITY bookworm-security main"
+  local pkgs=() p
+  for p in $ARM64_PKGS; do
+    case "$p" in readline-common|media-types|libtirpc-common) pkgs+=("$p") ;; *) pkgs+=("$p:arm64") ;; esac
+  done
+  apt_private_download "root qemu" "${pkgs[@]}" qemu-user-static:amd64
 
   step_key="$(cd "$CACHE/apt/debs" && ls ./*_arm64.deb ./*_all.deb | tr '\n' ' ')"
   if ! stamp_ok root "$step_key" || [[ ! -x "$CACHE/root/usr/bin/python3.11" ]]; then

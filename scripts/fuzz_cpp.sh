@@ -49,16 +49,8 @@ done
 
 die() { echo "error: $*" >&2; exit 2; }
 log() { echo "[fuzz_cpp] $*" >&2; }
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
-stamp_ok() { [[ -f "$CACHE/.stamp-$1" && "$(cat "$CACHE/.stamp-$1")" == "$2" ]]; }
-stamp_set() { printf '%s' "$2" > "$CACHE/.stamp-$1"; }
-
-APT_OPTS=(-o "Dir::State=$CACHE/apt/state" -o "Dir::State::status=$CACHE/apt/status"
-  -o "Dir::Cache=$CACHE/apt/cache" -o "Dir::Etc::SourceList=$CACHE/apt/sources.list"
-  -o "Dir::Etc::SourceParts=/dev/null" -o "Dir::Etc::Preferences=/dev/null" -o "Dir::Etc::PreferencesParts=/dev/null"
-  -o "APT::Architecture=amd64" -o "APT::Architectures::=amd64"
-  -o "APT::Sandbox::User=$(id -un)" -o "Debug::NoLocking=1")
+# shellcheck source=scripts/debian_cache.sh
+source "$REPO/scripts/debian_cache.sh"
 
 setup_clang() {
   local t0 t key
@@ -72,26 +64,11 @@ setup_clang() {
   [[ "$(uname -m)" == x86_64 ]] || die "the clang download is for x86_64 hosts; set FIRST_EDGE_CLANGXX"
   command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || die "needs apt-get and dpkg-deb (Debian), or FIRST_EDGE_CLANGXX"
   [[ -r "$KEYRING" ]] || die "missing $KEYRING (debian-archive-keyring)"
-  mkdir -p "$CACHE/apt/state/lists/partial" "$CACHE/apt/cache/archives/partial" "$CACHE/apt/debs"
-  touch "$CACHE/apt/status"
-  key="$MIRROR"
-  if ! stamp_ok apt "$key"; then
-    t=$(now); log "apt-get update (private configuration, bookworm amd64)"
-    cat > "$CACHE/apt/sources.list" <<EOF
-deb [signed-by=$KEYRING] $MIRROR bookworm main
-deb [signed-by=$KEYRING] $MIRROR bookworm-updates main
-EOF
-    apt-get -q "${APT_OPTS[@]}" update >&2
-    stamp_set apt "$key"; rm -f "$CACHE"/.stamp-debs; log "  done in $(since "$t") s"
-  fi
-  key="$PKGS"
-  if ! stamp_ok debs "$key"; then
-    t=$(now); log "apt-get download $PKGS"
-    rm -f "$CACHE"/apt/debs/*.deb
-    # shellcheck disable=SC2086
-    (cd "$CACHE/apt/debs" && apt-get -q "${APT_OPTS[@]}" download $PKGS >&2)
-    stamp_set debs "$key"; rm -f "$CACHE"/.stamp-root; log "  done in $(since "$t") s"
-  fi
+  apt_private_init amd64 amd64
+  apt_private_update "deb [signed-by=$KEYRING] $MIRROR bookworm main
+deb [signed-by=$KEYRING] $MIRROR bookworm-updates main"
+  # shellcheck disable=SC2086
+  apt_private_download root $PKGS
   key="$(cd "$CACHE/apt/debs" && ls ./*.deb | tr '\n' ' ')"
   if ! stamp_ok root "$key" || [[ ! -x "$CACHE/root/usr/lib/llvm-14/bin/clang" ]]; then
     t=$(now); log "dpkg-deb -x into $CACHE/root"

@@ -106,6 +106,7 @@ struct Runner::Impl {
   int emb_ids, emb_pos, emb_h, emb_cos, emb_sin;
   int lay_h, lay_cos, lay_sin, lay_pk, lay_pv, lay_out_h, lay_out_k, lay_out_v;
   int head_h, head_logits;
+  std::vector<EValue> embed_args, layer_args, head_args;  // reused by every decode step (filled in place)
   // one thread at a time (a Runner's KV buffers are its state); re-entrant for generate -> prefill/decode
   std::atomic<bool> busy{false};
   std::atomic<std::thread::id> owner{};
@@ -238,6 +239,11 @@ Status Runner::create(const std::string& bundle_dir, int threads, std::unique_pt
   impl.layer_calls.assign(info.n_layers, 0);
   impl.tok_t = from_blob(&impl.tok, {1, 1}, ScalarType::Long);
   impl.pos_t = from_blob(&impl.pos, {1}, ScalarType::Long);
+  impl.embed_args.resize(emb.inputs.size());
+  impl.embed_args[impl.emb_ids] = EValue(impl.tok_t);
+  impl.embed_args[impl.emb_pos] = EValue(impl.pos_t);
+  impl.layer_args.resize(lay.inputs.size());
+  impl.head_args.resize(head.inputs.size());
   *out = std::move(r);
   return Status::Ok();
 }
@@ -262,7 +268,7 @@ Status Runner::prefill(const std::vector<int64_t>& ids_in, float threshold, std:
   float thr = threshold;
   auto ids_t = from_blob(ids.data(), {1, T}, ScalarType::Long);
   auto thr_t = from_blob(&thr, {1}, ScalarType::Float);
-  std::vector<EValue> args(2);
+  std::vector<EValue> args(info.io.at("prefill").inputs.size());
   args[impl.pre_ids] = EValue(ids_t);
   args[impl.pre_thr] = EValue(thr_t);
   auto out = impl.module->execute(info.prefill_method, args);
@@ -310,12 +316,9 @@ Status Runner::decode(int64_t token, int64_t position, const std::vector<uint8_t
     return Status::Error("position " + std::to_string(position) + " is outside the context of " + std::to_string(info.max_context));
   impl.tok = token;
   impl.pos = position;
-  std::vector<EValue> eargs(2);
-  eargs[impl.emb_ids] = EValue(impl.tok_t);
-  eargs[impl.emb_pos] = EValue(impl.pos_t);
-  auto e = impl.module->execute(info.embed_method, eargs);
+  auto e = impl.module->execute(info.embed_method, impl.embed_args);
   if (!e.ok()) return Status::Error("embed failed (" + et_error(e.error()) + ")");
-  std::vector<EValue> args(5);
+  std::vector<EValue>& args = impl.layer_args;
   args[impl.lay_cos] = (*e)[impl.emb_cos];
   args[impl.lay_sin] = (*e)[impl.emb_sin];
   EValue h = (*e)[impl.emb_h];
@@ -341,9 +344,8 @@ Status Runner::decode(int64_t token, int64_t position, const std::vector<uint8_t
     impl.len[l] = n + 1;
     impl.layer_calls[l]++;
   }
-  std::vector<EValue> hargs(1);
-  hargs[impl.head_h] = h;
-  auto hd_out = impl.module->execute(info.head_method, hargs);
+  impl.head_args[impl.head_h] = h;
+  auto hd_out = impl.module->execute(info.head_method, impl.head_args);
   if (!hd_out.ok()) return Status::Error("head failed (" + et_error(hd_out.error()) + ")");
   auto lt = (*hd_out)[impl.head_logits].toTensor();
   logits->assign(lt.const_data_ptr<float>(), lt.const_data_ptr<float>() + info.vocab_size);
