@@ -23,7 +23,7 @@ from runtime.bundle import TOOL_VERSION, Bundle, write_manifest
 from runtime.errors import FirstEdgeError, cli_main
 from runtime.graph_io import Dims, graph_io, to_json
 
-from .chat import chat_parts
+from .chat import chat_ids, chat_parts, chat_turn_prefix
 from .reference import eos_ids
 
 # target -> (module with build_graphs(), runtime name, quantize choices)
@@ -50,6 +50,7 @@ def write_common(fm, tok, out: Path, run: Optional[str]) -> dict:
         raise FirstEdgeError("the model's tokenizer has no tokenizers (fast) backend; a tokenizer.json is needed")
     backend_tok.save(str(out / "tokenizer.json"))
     pre, post = chat_parts(tok)
+    turn_prefix = chat_turn_prefix(tok)
     report = next((p for p in (Path(run) / "report.md", Path(run) / "eval_val" / "report.md") if p.exists()),
                   None) if run else None
     if report is not None:
@@ -66,7 +67,9 @@ def write_common(fm, tok, out: Path, run: Optional[str]) -> dict:
             calibration = None
     return {
         "tokens": {"bos_id": tok.bos_token_id, "eos_ids": eos_ids(tok, fm.cfg)},
-        "chat": {"template": getattr(tok, "chat_template", None) or "", "prefix": pre, "suffix": post},
+        "chat": {"template": getattr(tok, "chat_template", None) or "", "prefix": pre, "suffix": post,
+                 "turn_prefix": turn_prefix,  # between a reply and the next user message (chat sessions)
+                 "ids": chat_ids(tok, pre, post, turn_prefix)},
         "routing": {"default_threshold": fm.threshold, "pinned": list(fm.pinned), "mask_dtype": "bool",
                     "pool_start": fm._pool_start(),  # applied inside the prefill graph (DESIGN.md Changes 5)
                     "router_source": str(run) if run else "untrained", "calibration": calibration},

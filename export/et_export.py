@@ -4,6 +4,8 @@ Methods (every one lowered to XNNPACK; see docs/executorch.md):
 
 - ``prefill(input_ids int64 [1,T], threshold f32 [1]) -> logits [1,V], router_scores [L], layer_mask bool [L],
   present.{l}.key, present.{l}.value [1, n_kv, T, head_dim] for every layer`` (DESIGN.md section 2).
+- ``extend(input_ids int64 [1,T], past_key_values.{l}.key/.value [1,S,n_kv,hd] for every layer) -> logits [1,V],
+  router_probs [L,T], present.{l}.key/.value [1,T,n_kv,hd]``: prefill with a past (a chat session's next turn).
 - ``embed(input_ids int64 [1,1], position int64 [1]) -> hidden [1,1,D], cos [1,1,hd], sin [1,1,hd]``
 - ``layer_{l}(hidden, cos, sin, past_key [1,S,n_kv,hd], past_value [1,S,n_kv,hd]) -> hidden, present.key
   [1,1,n_kv,hd], present.value`` with S = the tokens so far (a dynamic dimension, 1..max_context-1).
@@ -196,6 +198,58 @@ class PrefillMethod(nn.Module):
         return tuple([logits, g, mask] + kv)
 
 
+def extend_layer(fm: FirstModel, c: Consts, l: int, h, cos, sin, past_k, past_v, allowed):
+    """One decoder layer over T new tokens after a past of S tokens ([1, S, n_kv, hd]): each new token attends
+    to the whole past and, causally, to the new tokens (``allowed`` [rep*T, S+T]). Returns h and the new
+    tokens' K/V as [1, T, n_kv, hd] (the buffer's sequence-major layout)."""
+    lay = fm.layers[l]
+    att = lay.self_attn
+    nh, nkv, hd = fm.n_heads, fm.n_kv_heads, fm.head_dim
+    rep = nh // nkv
+    T = h.shape[1]
+    x = rms_norm(lay.input_layernorm, h, c)
+    q = rope_apply(att.q_proj(x).view(T, nh, hd), cos, sin, c)
+    k = rope_apply(att.k_proj(x).view(T, nkv, hd), cos, sin, c)
+    v = att.v_proj(x).view(T, nkv, hd)
+    kk = torch.cat([past_k[0], k], 0).permute(1, 0, 2)  # [nkv, S+T, hd]
+    vv = torch.cat([past_v[0], v], 0).permute(1, 0, 2)
+    qg = q.view(T, nkv, rep, hd).permute(1, 2, 0, 3).reshape(nkv, rep * T, hd)  # rows (r, t) of group b
+    sc = torch.bmm(qg, kk.transpose(1, 2)) * fm.scaling  # [nkv, rep*T, S+T]
+    sc = sc.masked_fill(allowed.logical_not(), float("-inf"))
+    o = torch.bmm(torch.softmax(sc, dim=-1), vv)  # [nkv, rep*T, hd]
+    o = o.view(nkv, rep, T, hd).permute(2, 0, 1, 3).reshape(1, T, nh * hd)
+    h = h + att.o_proj(o)
+    h = h + lay.mlp(rms_norm(lay.post_attention_layernorm, h, c))
+    return h, k.unsqueeze(0), v.unsqueeze(0)
+
+
+class ExtendMethod(nn.Module):
+    """Prefill with a past (a chat session's next turn, DESIGN.md section 2): ``input_ids`` [1, T] at positions
+    S..S+T-1 through every layer, after each layer's past of S tokens; the per-token router probabilities
+    [L, T] (unpooled) and every layer's new K/V [1, T, n_kv, hd], which the runtime writes at rows S.."""
+
+    def __init__(self, fm: FirstModel):
+        super().__init__()
+        self.fm, self.c = fm, Consts(fm)
+
+    def forward(self, input_ids, *past):
+        fm = self.fm
+        T, S = input_ids.shape[1], past[0].shape[1]
+        tpos = torch.arange(T, dtype=torch.int64)
+        cos, sin = fm.rope((tpos + S).unsqueeze(0))
+        cos, sin = cos.view(T, 1, fm.head_dim), sin.view(T, 1, fm.head_dim)
+        cols = torch.arange(S + T, dtype=torch.int64)
+        allowed = (cols.unsqueeze(0) <= (tpos + S).unsqueeze(1)).repeat(fm.n_heads // fm.n_kv_heads, 1)
+        h = fm.embed(input_ids)
+        probs, kv = [], []
+        for l in range(fm.n_layers):
+            probs.append(fm.router_probs(l, h))  # [1, T]
+            h, k, v = extend_layer(fm, self.c, l, h, cos, sin, past[2 * l], past[2 * l + 1], allowed)
+            kv += [k, v]
+        logits = fm.head(h[:, -1:, :])[:, 0]
+        return tuple([logits, torch.cat(probs, 0)] + kv)
+
+
 def contract(fm: FirstModel, max_context: int) -> dict:
     """The methods' inputs and outputs (runtime/graph_io.py, the one declaration every runtime reads)."""
     return graph_io("executorch", model_dims(fm, max_context))
@@ -207,9 +261,10 @@ def example_inputs(specs: List[TensorSpec], max_context: int, size: int = 5):
     from torch.export import Dim
 
     dyn_dims = {s: Dim(s, min=1, max=max_context - 1) for s in SYMBOLS}
+    sizes = {s: size + 2 * i for i, s in enumerate(SYMBOLS)}  # distinct sizes: T and S are independent
     args, dyn = [], []
     for spec in specs:
-        shape = spec.static_shape(**{s: size for s in SYMBOLS})
+        shape = spec.static_shape(**sizes)
         if spec.dtype == "int64":
             args.append(torch.full(shape, 3, dtype=torch.int64))
         else:
@@ -251,9 +306,12 @@ def _export_all(fm: FirstModel, max_context: int, verbose: bool):
 
     def exported(module: nn.Module, graph: str):
         args, dyn = example_inputs(io[graph]["inputs"], max_context)
+        if graph == "extend":  # forward(input_ids, *past): the varargs are one entry of dynamic_shapes
+            dyn = (dyn[0], tuple(dyn[1:]))
         return export(module, args, dynamic_shapes=dyn, strict=False)
 
     eps["prefill"] = exported(PrefillMethod(fm), "prefill")
+    eps["extend"] = exported(ExtendMethod(fm), "extend")
     eps["embed"] = exported(EmbedMethod(fm), "embed")
     for l in range(fm.n_layers):
         eps[f"layer_{l}"] = exported(LayerMethod(fm, l), "layer")
@@ -351,11 +409,19 @@ def validate(fm_ref: FirstModel, pte: Path, max_context: int, *, atol: float, n_
                 raise FirstEdgeError(f"ExecuTorch prefill mask {me.astype(int)} differs from PyTorch {mr.astype(int)}")
             mask = np.ones(n_layers, bool) if mask_kind == "ones" else rng.random(n_layers) < 0.6
             tok = int(np.argmax(lr))
+            fed = []
             for i in range(steps):
                 a = ref.decode(tok, len(ids) + i, mask)
                 b = prog.decode(tok, len(ids) + i, mask)
                 compare(a, b)
+                fed.append(tok)
                 tok = int(np.argmax(a))
+            # a session's next turn: the decoded tokens and a few more through every layer after the prompt
+            new = np.asarray(fed + [int(t) for t in rng.integers(3, fm_ref.vocab_size, size=3)], np.int64)
+            (la, pa), (lb, pb) = ref.extend(new, len(ids)), prog.extend(new, len(ids))
+            compare(la, lb)
+            if not quantized:
+                worst = max(worst, float(np.abs(pa - pb).max()))
     res = {"max_abs_diff": worst, "mean_cosine": float(np.mean(cosines)), "min_cosine": float(np.min(cosines)),
            "top1_agreement": float(np.mean(top1)), "checks": len(cosines)}
     if quantized:
@@ -395,7 +461,7 @@ def build_graphs(fm: FirstModel, out_dir, *, quantize: str = "none", max_context
         eps = _export_all(src, max_context, verbose)
         prog, delegation = lower(eps, constant_methods(fm, max_context, bos_id, eos_ids), verbose)
     if verbose:
-        for m in ("prefill", "embed", "layer_0", "head"):
+        for m in ("prefill", "extend", "embed", "layer_0", "head"):
             print(f"[first-edge] {m}: {delegation[m]['delegated_nodes']} nodes in XNNPACK, portable: "
                   f"{delegation[m]['portable_ops']}", file=sys.stderr)
     bad = {m: d["portable_matmuls"] for m, d in delegation.items() if d["portable_matmuls"]}
@@ -422,12 +488,13 @@ def build_graphs(fm: FirstModel, out_dir, *, quantize: str = "none", max_context
         "backend": "xnnpack",
         "decode_shape": "split",
         "decode_shapes": ["split"],
-        "methods": {"prefill": "prefill", "embed": "embed", "head": "head",
+        "methods": {"prefill": "prefill", "extend": "extend", "embed": "embed", "head": "head",
                     "layers": [f"layer_{l}" for l in range(fm.n_layers)]},
         "constant_methods": sorted(constant_methods(fm, max_context, bos_id, eos_ids)),
         "kv_layout": {"buffer": "[max_context, n_kv_heads, head_dim] per layer, sequence-major",
                       "past": "[1, S, n_kv_heads, head_dim]", "present_decode": "[1, 1, n_kv_heads, head_dim]",
-                      "present_prefill": "[1, n_kv_heads, T, head_dim]"},
+                      "present_prefill": "[1, n_kv_heads, T, head_dim]",
+                      "present_extend": "[1, T, n_kv_heads, head_dim], written at rows S.. of every layer"},
         "dtype": "float32",
         "weights": "8da4w (int8 dynamic activations, int4 weights, group 32; embeddings and routers fp32)"
         if quantize == "8da4w" else "float32",

@@ -13,6 +13,8 @@ Graphs written into the bundle:
 
 ``prefill.onnx``   every layer over the prompt: logits (last position), router scores, the layer mask
                    for the ``threshold`` input, every layer's K/V for the prompt.
+``extend.onnx``    prefill with a past (a chat session's next turn): new tokens through every layer after the
+                   tokens already in the KV buffers, written in place; unpooled router probabilities.
 ``decode.onnx``    fused decode shape: one ``If`` per layer on ``layer_mask[l]`` (skipped layers run no
                    node; ONNX Runtime executes only the taken branch).
 ``embed.onnx``, ``layer_{l}.onnx``, ``head.onnx``   split decode shape: the runtime calls only the kept
@@ -254,6 +256,26 @@ def contract(weights: "Weights", decode_shapes=("fused", "split")) -> dict:
     return graph_io("onnxruntime", Dims(weights.L, weights.D, weights.KV, weights.hd, weights.V, weights.max_context), decode_shapes)
 
 
+def _router_prob(g: GraphBuilder, weights: Weights, l: int, h: str, ones_d: str) -> str:
+    """p[l, t] = sigmoid(router_l(h_l[t])) for every position: [1, T, 1]."""
+    r = weights.routers[l]
+    rp = f"routers.{l}"
+    xn = g.op("SimplifiedLayerNormalization", [h, ones_d], name=rp + ".norm", axis=-1, epsilon=ROUTER_EPS,
+              stash_type=1)[0]
+    z = g.op("MatMul", [xn, g.const(rp + ".fc1.weight", np.ascontiguousarray(r["fc1"][0].T))], name=rp + ".fc1")[0]
+    z = g.op("Add", [z, g.const(rp + ".fc1.bias", r["fc1"][1])], name=rp + ".fc1/bias")[0]
+    z = g.op("Mul", [z, g.op("Sigmoid", [z], name=rp + ".sig1")[0]], name=rp + ".silu")[0]
+    z = g.op("MatMul", [z, g.const(rp + ".fc2.weight", np.ascontiguousarray(r["fc2"][0].T))], name=rp + ".fc2")[0]
+    z = g.op("Add", [z, g.const(rp + ".fc2.bias", r["fc2"][1])], name=rp + ".fc2/bias")[0]
+    return g.op("Sigmoid", [z], name=rp + ".prob")[0]
+
+
+def _last_logits(g: GraphBuilder, weights: Weights, h: str):
+    last = g.op("Gather", [h, g.const("last_idx", np.array(-1, np.int64))], name="last_position", axis=1)[0]
+    last = g.op("Reshape", [last, g.const("shape_1xD", np.array([1, weights.D], np.int64))], name="last_hidden")[0]
+    _head(g, weights, last, "logits")
+
+
 def build_prefill(weights: Weights, bits: Optional[int]) -> onnx.ModelProto:
     g = GraphBuilder(bits)
     cos, sin = _rope_inits(g, weights)
@@ -274,30 +296,49 @@ def build_prefill(weights: Weights, bits: Optional[int]) -> onnx.ModelProto:
     ones_d = g.const("router.norm_ones", np.ones(weights.D, np.float32))
     scores = []
     for l in range(weights.L):
-        r = weights.routers[l]
-        rp = f"routers.{l}"
-        xn = g.op("SimplifiedLayerNormalization", [h, ones_d], name=rp + ".norm", axis=-1, epsilon=ROUTER_EPS,
-                  stash_type=1)[0]
-        z = g.op("MatMul", [xn, g.const(rp + ".fc1.weight", np.ascontiguousarray(r["fc1"][0].T))],
-                 name=rp + ".fc1")[0]
-        z = g.op("Add", [z, g.const(rp + ".fc1.bias", r["fc1"][1])], name=rp + ".fc1/bias")[0]
-        z = g.op("Mul", [z, g.op("Sigmoid", [z], name=rp + ".sig1")[0]], name=rp + ".silu")[0]
-        z = g.op("MatMul", [z, g.const(rp + ".fc2.weight", np.ascontiguousarray(r["fc2"][0].T))], name=rp + ".fc2")[0]
-        z = g.op("Add", [z, g.const(rp + ".fc2.bias", r["fc2"][1])], name=rp + ".fc2/bias")[0]
-        pr = g.op("Sigmoid", [z], name=rp + ".prob")[0]  # [1, T, 1]
-        pooled = g.op("Slice", [pr, pool_start, pool_end, pool_axes], name=rp + ".pooled")[0]  # [1, T - start, 1]
-        scores.append(g.op("ReduceMean", [pooled], name=rp + ".mean", keepdims=0)[0])  # scalar
+        pr = _router_prob(g, weights, l, h, ones_d)  # [1, T, 1]
+        pooled = g.op("Slice", [pr, pool_start, pool_end, pool_axes], name=f"routers.{l}.pooled")[0]
+        scores.append(g.op("ReduceMean", [pooled], name=f"routers.{l}.mean", keepdims=0)[0])  # scalar
         _, _, pk, pv = kv_names(l)
         h = _layer_body(g, weights, l, h, pos_ids, seqlens, total, None, None, cos, sin, (pk, pv))
     g.op("Concat", [g.op("Unsqueeze", [s, g.const(f"axes0_{i}", np.array([0], np.int64))], name=f"score_{i}")[0]
                     for i, s in enumerate(scores)], name="router_scores", outputs=["router_scores"], axis=0)
     ge = g.op("GreaterOrEqual", ["router_scores", "threshold"], name="threshold_mask")[0]
     g.op("Or", [ge, g.const("pinned_mask", weights.pinned)], name="layer_mask", outputs=["layer_mask"])
-    last = g.op("Gather", [h, g.const("last_idx", np.array(-1, np.int64))], name="last_position", axis=1)[0]
-    last = g.op("Reshape", [last, g.const("shape_1xD", np.array([1, weights.D], np.int64))], name="last_hidden")[0]
-    _head(g, weights, last, "logits")
+    _last_logits(g, weights, h)
     io = contract(weights)["prefill"]
     return _model(g, "first_prefill", value_infos(io["inputs"]), value_infos(io["outputs"]))
+
+
+def build_extend(weights: Weights, bits: Optional[int]) -> onnx.ModelProto:
+    """Prefill with a past (a chat session's next turn): T new tokens at positions S..S+T-1 through every
+    layer, S = ``past_length`` tokens already in every layer's buffer. GroupQueryAttention writes the new
+    K/V in place at S.. of the buffers bound as both past and present; the per-token router probabilities
+    of the new tokens come out unpooled (the runtime pools the turn's user span)."""
+    g = GraphBuilder(bits)
+    cos, sin = _rope_inits(g, weights)
+    T = g.op("Shape", ["input_ids"], name="seq_len", start=1, end=2)[0]  # [1] int64
+    T32 = g.op("Cast", [T], name="seq_len_i32", to=I32)[0]
+    end32 = g.op("Add", ["past_length", T32], name="total_1")[0]  # [1] int32: S + T
+    seqlens = g.op("Sub", [end32, g.const("one_i32", np.array([1], np.int32))], name="seqlens_k")[0]
+    total = g.op("Squeeze", [end32], name="total_len")[0]
+    start = g.op("Squeeze", [g.op("Cast", ["past_length"], name="past_i64", to=I64)[0]], name="start")[0]
+    end = g.op("Squeeze", [g.op("Cast", [end32], name="end_i64", to=I64)[0]], name="end")[0]
+    pos = g.op("Range", [start, end, g.const("one_i64", np.array(1, np.int64))], name="positions")[0]
+    pos_ids = g.op("Unsqueeze", [pos, g.const("axes0", np.array([0], np.int64))], name="position_ids")[0]
+    h = g.embed("input_ids", weights)
+    ones_d = g.const("router.norm_ones", np.ones(weights.D, np.float32))
+    shape_1t = g.const("shape_1xT", np.array([1, -1], np.int64))
+    probs = []
+    for l in range(weights.L):
+        pr = _router_prob(g, weights, l, h, ones_d)  # [1, T, 1]
+        probs.append(g.op("Reshape", [pr, shape_1t], name=f"routers.{l}.row")[0])  # [1, T]
+        pk, pv, prk, prv = kv_names(l)
+        h = _layer_body(g, weights, l, h, pos_ids, seqlens, total, pk, pv, cos, sin, (prk, prv))
+    g.op("Concat", probs, name="router_probs", outputs=["router_probs"], axis=0)
+    _last_logits(g, weights, h)
+    io = contract(weights)["extend"]
+    return _model(g, "first_extend", value_infos(io["inputs"]), value_infos(io["outputs"]))
 
 
 def build_decode_fused(weights: Weights, bits: Optional[int]) -> onnx.ModelProto:
@@ -439,9 +480,32 @@ def validate(fm, out_dir: Path, graphs: dict, max_context: int, bits: Optional[i
             if bits is None and not np.allclose(g_ort, g_ref, atol=1e-4):
                 problems.append(f"{shape}: router scores of a {n}-token prompt differ by "
                                 f"{np.abs(g_ort - g_ref).max():.2e}")
+        # extend (a session's next turn) after a decode with the mixed mask: logits and router probabilities
+        # against the reference doing the same
+        err = check_extend(TorchBackend(fm, max_context), be, ids, mixed, n_new, rng, fm.vocab_size)
+        if verbose:
+            print(f"[first-edge] validate {shape} extend: max |diff| {err:.2e}", file=sys.stderr)
+        if bits is None and err > PARITY_ATOL * 10:
+            problems.append(f"{shape} extend: logits or router probabilities differ by {err:.2e}")
         be.close()
     if problems:
         raise FirstEdgeError("ONNX export validation failed: " + "; ".join(problems))
+
+
+def check_extend(ref, be, ids: np.ndarray, mask: np.ndarray, n_new: int, rng, vocab: int) -> float:
+    """Prefill ``ids``, decode ``n_new`` tokens under ``mask``, then extend from the prompt's end with the
+    decoded tokens and a few more (a session's next turn) on both backends; the largest difference of the
+    extend's logits and router probabilities (relative to the logits' scale for the logits)."""
+    from runtime.loop import SamplingConfig, generate
+
+    cfg = SamplingConfig(max_new_tokens=n_new, ignore_eos=True)
+    more = rng.integers(3, min(vocab, 1000), 4)
+    outs = []
+    for b in (ref, be):
+        r = generate(b, ids, cfg, mask=mask)
+        outs.append(b.extend(np.concatenate([np.asarray(r.tokens[:-1], np.int64), more]), len(ids)))
+    (la, pa), (lb, pb) = outs
+    return max(float(np.abs(la - lb).max()) / max(1.0, float(np.abs(la).max()) / 10), float(np.abs(pa - pb).max()))
 
 
 # ------------------------------------------------------------------ entry point (export/build.py)
@@ -463,7 +527,8 @@ def build_graphs(fm, out_dir, *, quantize: str = "none", max_context: int = 1024
     weights = Weights(fm, max_context)
     files: List[str] = []
     files += save(build_prefill(weights, bits), out / "prefill.onnx")
-    graphs = {"prefill": "prefill.onnx"}
+    files += save(build_extend(weights, bits), out / "extend.onnx")
+    graphs = {"prefill": "prefill.onnx", "extend": "extend.onnx"}
     if decode_shape in ("fused", "both"):
         files += save(build_decode_fused(weights, bits), out / "decode.onnx")
         graphs["decode"] = "decode.onnx"

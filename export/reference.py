@@ -61,6 +61,24 @@ class TorchBackend:
         return logits[0].numpy(), g.numpy(), mask.numpy()
 
     @torch.inference_mode()
+    def extend(self, input_ids: np.ndarray, past_length: int):
+        """A session's next turn: T new tokens at positions past_length.. through every layer, written into
+        every layer's buffer at past_length (what any layer held there is overwritten); returns the last
+        position's logits [V] and the new tokens' router probabilities [L, T]."""
+        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64)).view(1, -1)
+        T, S = ids.shape[1], int(past_length)
+        fm = self.fm
+        cos, sin = fm.rope(torch.arange(S, S + T, dtype=torch.int64).view(1, -1))
+        h = fm.embed(ids)
+        probs = []
+        for l in range(self.n_layers):
+            probs.append(fm.router_probs(l, h)[0])
+            h, _, _ = fm.layer(l, h, cos, sin, cache=(self.k[l], self.v[l], S))
+            self.lengths[l] = S + T
+        self.layer_calls.clear()
+        return fm.head(h[:, -1:])[0, 0].numpy(), torch.stack(probs).numpy()
+
+    @torch.inference_mode()
     def decode(self, token: int, position: int, mask: np.ndarray) -> np.ndarray:
         key = mask.tobytes()
         if key != self._mask_key:  # once per generation, not per token

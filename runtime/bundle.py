@@ -11,12 +11,13 @@ import json
 import os
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, List, Set
+from typing import Any, Dict, List, Optional, Set
 
 from .errors import FirstEdgeError
 from .masks import pinned_array
 
-FORMAT_VERSION = 2  # 2: graphs.io (runtime/graph_io.py); files as {name: {"sha256", "bytes"}}
+FORMAT_VERSION = 3  # 2: graphs.io (runtime/graph_io.py); files as {name: {"sha256", "bytes"}}; 3: the extend
+#                     graph (chat sessions) and chat.turn_prefix / chat.ids
 MANIFEST = "manifest.json"
 TOOL_VERSION = "first-edge 0.1.0"
 RUNTIMES = ("onnxruntime", "executorch")
@@ -157,6 +158,14 @@ class Bundle:
         chat = m.get("chat", {})
         if not isinstance(chat, dict) or not all(isinstance(chat.get(k, ""), str) for k in ("prefix", "suffix")):
             raise FirstEdgeError("manifest chat.prefix and chat.suffix must be strings")
+        if not isinstance(chat.get("turn_prefix", ""), (str, type(None))):
+            raise FirstEdgeError("manifest chat.turn_prefix must be a string or null")
+        ids = chat.get("ids", {})
+        if not isinstance(ids, dict) or not all(
+                (k == "turn_prefix" and v is None) or (isinstance(v, list) and all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < model["vocab_size"] for i in v))
+                for k, v in ids.items()):
+            raise FirstEdgeError("manifest chat.ids must map template pieces to lists of token ids within the vocabulary")
         pinned = routing.get("pinned", [])
         if not isinstance(pinned, list) or any(isinstance(p, bool) or not isinstance(p, int) for p in pinned):
             raise FirstEdgeError(f"manifest routing.pinned must be a list of layer indices, got {pinned!r}")
@@ -210,7 +219,7 @@ class Bundle:
         if not isinstance(named, list):
             raise FirstEdgeError("manifest graphs.files must be a list of file names")
         named = list(named)
-        for key in ("prefill", "decode"):
+        for key in ("prefill", "extend", "decode"):
             if isinstance(g.get(key), str):
                 named.append(g[key])
         split = g.get("split")
@@ -258,6 +267,11 @@ class Bundle:
     @property
     def eos_ids(self) -> List[int]:
         return [int(i) for i in self.manifest.get("tokens", {}).get("eos_ids", [])]
+
+    def chat_ids(self, piece: str) -> Optional[List[int]]:
+        """Token ids of a chat-template piece (``prefix``, ``suffix``, ``turn_prefix``); None if the bundle has none."""
+        v = self.manifest.get("chat", {}).get("ids", {}).get(piece)
+        return None if v is None else [int(i) for i in v]
 
     def file(self, name: str) -> Path:
         return self.path / name

@@ -22,7 +22,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import FirstEdgeError, first_line
-from .graph_io import Dims, check_io, index
+from .graph_io import Dims, check_io, index, kv_names
 from .masks import check_mask
 
 _RT = None
@@ -96,6 +96,12 @@ class EtProgram:
         self.embed_m = self._checked(load(m["embed"]), "embed", m["embed"])
         self.head_m = self._checked(load(m["head"]), "head", m["head"])
         self.layer_m = [self._checked(load(n), "layer", n) for n in m["layers"]]
+        # extend (a chat session's next turn) is loaded on first use: XNNPACK packs its own copy of the weights
+        self._extend_name = m.get("extend", "extend")
+        if not isinstance(self._extend_name, str) or self._extend_name not in have:
+            raise FirstEdgeError(f"model.pte lacks the extend method named in the manifest ({self._extend_name!r})")
+        self._load = load
+        self.extend_m = None
         # where each argument goes and each result comes from, by name
         self._pre_in = index(io["prefill"]["inputs"])
         self._pre_out = index(io["prefill"]["outputs"])
@@ -179,6 +185,40 @@ class EtProgram:
         return (logits, out[o["router_scores"]].numpy().astype(np.float32, copy=True),
                 out[o["layer_mask"]].numpy().astype(bool, copy=True))
 
+    def extend(self, input_ids: np.ndarray, past_length: int):
+        """A chat session's next turn: the new tokens through every layer after ``past_length`` tokens that every
+        layer's buffer holds; their K/V are written at rows past_length.. (entries a decode left there are
+        overwritten). Returns the last position's logits [V] and the router probabilities [L, T]."""
+        th = self.th
+        ids = np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64).reshape(1, -1))
+        T, S = ids.shape[1], int(past_length)
+        if T < 1 or not 0 < S <= min(self.lengths) or S + T > self.max_context:
+            raise FirstEdgeError(f"cannot extend {S} cached tokens by {T} within the context of {self.max_context}")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise FirstEdgeError(f"token ids must be in 0..{self.vocab_size - 1}")
+        if self.extend_m is None:
+            self.extend_m = self._checked(self._load(self._extend_name), "extend", self._extend_name)
+            self._ext_in, self._ext_out = index(self.io["extend"]["inputs"]), index(self.io["extend"]["outputs"])
+        args = [None] * len(self._ext_in)
+        args[self._ext_in["input_ids"]] = th.from_numpy(ids)
+        for l in range(self.n_layers):
+            pk, pv, _, _ = kv_names(l)
+            args[self._ext_in[pk]], args[self._ext_in[pv]] = self.kt[l][None, :S], self.vt[l][None, :S]
+        try:
+            out = self.extend_m.execute(args)
+        except Exception as e:  # noqa: BLE001  (a damaged program can fail only when it runs)
+            raise FirstEdgeError(f"the extend method failed: {first_line(e)}") from None
+        self.method_calls["extend"] += 1
+        o = self._ext_out
+        for l in range(self.n_layers):
+            _, _, rk, rv = kv_names(l)
+            self.k[l][S:S + T] = out[o[rk]].numpy()[0]
+            self.v[l][S:S + T] = out[o[rv]].numpy()[0]
+            self.lengths[l] = S + T
+        self.layer_calls.clear()
+        return (out[o["logits"]].numpy().reshape(-1).astype(np.float32, copy=True),
+                out[o["router_probs"]].numpy().astype(np.float32, copy=True))
+
     def decode(self, token: int, position: int, mask: np.ndarray) -> np.ndarray:
         try:
             return self._decode(token, position, mask)
@@ -238,6 +278,9 @@ class EtBackend:
 
     def prefill(self, input_ids: np.ndarray, threshold: float):
         return self.prog.prefill(input_ids, threshold)
+
+    def extend(self, input_ids: np.ndarray, past_length: int):
+        return self.prog.extend(input_ids, past_length)
 
     def decode(self, token: int, position: int, mask: np.ndarray) -> np.ndarray:
         mask = check_mask(mask, self.n_layers)

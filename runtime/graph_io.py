@@ -11,10 +11,11 @@ Who reads it:
   manifest, checks it against this contract (:func:`check_io`) and binds by name: an input's or
   output's position is its index in the manifest's list, never a hard-coded number.
 
-Graphs: ``prefill`` (both targets), ``decode`` (ONNX fused shape), ``embed``, ``layer``, ``head`` (split
-shape; ExecuTorch always). ``layer`` describes every ``layer_{l}`` graph/method: in its names ``{l}``
+Graphs: ``prefill`` (both targets), ``extend`` (both targets: prefill with a past, the chat session's turns,
+DESIGN.md section 2), ``decode`` (ONNX fused shape), ``embed``, ``layer``, ``head`` (split shape; ExecuTorch
+always). ``layer`` describes every ``layer_{l}`` graph/method: in its names ``{l}``
 stands for the layer index (:func:`layer_names`). Shapes hold ints or a symbol: ``T`` the prompt's
-tokens (1..max_context-1), ``S`` the tokens already in a layer's cache (ExecuTorch ``layer_{l}``).
+tokens (1..max_context-1), ``S`` the tokens already in a layer's cache (ExecuTorch ``layer_{l}`` and ``extend``).
 
 No torch, no onnx: numpy-free plain Python, shared by host and device.
 """
@@ -94,7 +95,14 @@ def graph_io(runtime: str, d: Dims, decode_shapes: Iterable[str] = ("split",)) -
                       "outputs": [_t("logits", "float32", 1, V), _t("router_scores", "float32", L),
                                   _t("layer_mask", "bool", L)] + present_prefill}}
     head = {"inputs": [_t("hidden_states", "float32", 1, 1, D)], "outputs": [_t("logits", "float32", 1, V)]}
+    # extend: T new tokens after a past of S tokens in every layer; every layer runs; router_probs are the
+    # per-token scores p[l, t] of the new tokens (the runtime pools them: the turn's pooled span is its own)
+    extend_out = [_t("logits", "float32", 1, V), _t("router_probs", "float32", L, "T")]
     if runtime == "executorch":
+        io["extend"] = {
+            "inputs": [_t("input_ids", "int64", 1, "T")] + [
+                _t(n, "float32", 1, "S", KV, hd) for l in range(L) for n in kv_names(l)[:2]],
+            "outputs": extend_out + [_t(n, "float32", 1, "T", KV, hd) for l in range(L) for n in kv_names(l)[2:]]}
         # KV buffers are sequence-major [max_context, n_kv, hd]; a layer reads its first S rows as a view
         # and returns the new token's entry, which the runtime writes in place
         io["embed"] = {"inputs": [_t("input_ids", "int64", 1, 1), _t("position", "int64", 1)],
@@ -111,6 +119,10 @@ def graph_io(runtime: str, d: Dims, decode_shapes: Iterable[str] = ("split",)) -
         return io
     # ONNX Runtime: BNSH buffers [1, n_kv, max_context, hd], bound both as past and present (in place)
     kv = lambda n: _t(n, "float32", 1, KV, C, hd)  # noqa: E731
+    io["extend"] = {  # the buffers bound in place as past and present, as in decode; S = past_length
+        "inputs": [_t("input_ids", "int64", 1, "T"), _t("past_length", "int32", 1)] + [
+            kv(n) for l in range(L) for n in kv_names(l)[:2]],
+        "outputs": extend_out + [kv(n) for l in range(L) for n in kv_names(l)[2:]]}
     if "fused" in shapes:
         io["decode"] = {
             "inputs": [_t("input_ids", "int64", 1, 1), _t("position", "int64", 1), _t("layer_mask", "bool", L),

@@ -24,6 +24,10 @@ class Backend(Protocol):
     def prefill(self, input_ids: np.ndarray, threshold: float):
         """Run all layers on ``input_ids`` (int64 [T]); return (logits [V], scores [L], mask [L] for threshold)."""
 
+    def extend(self, input_ids: np.ndarray, past_length: int):
+        """Chat sessions: run new tokens through every layer after ``past_length`` cached tokens, writing their K/V
+        at past_length.. of every layer; return (logits [V], per-token router probabilities [L, T])."""
+
     def decode(self, token: int, position: int, mask: np.ndarray) -> np.ndarray:
         """Run one token at ``position`` through the layers where ``mask`` is True; return logits [V]."""
 
@@ -124,23 +128,35 @@ class GenerationResult:
 def generate(backend: Backend, input_ids: Sequence[int], sampling: SamplingConfig, *,
              threshold: Optional[float] = None, keep: Optional[int] = None, pinned: Sequence[int] = (),
              mask: Optional[np.ndarray] = None, default_threshold: float = 0.5,
-             on_token: Optional[Callable[[int], None]] = None, keep_logits: bool = False) -> GenerationResult:
+             on_token: Optional[Callable[[int], None]] = None, keep_logits: bool = False,
+             past_length: int = 0, pool_from: int = 0) -> GenerationResult:
     """Prefill, fix the mask once, then decode token by token through the kept layers.
 
     ``mask`` overrides the router decision (for tests and benchmarks); otherwise the mask comes
     from the prefill's router scores by threshold (the graph's own ``layer_mask``) or budget.
+
+    ``past_length`` > 0 (a chat session's next turn, runtime/session.py): ``input_ids`` are new tokens after
+    the ``past_length`` tokens every layer's cache already holds; they run through every layer with
+    ``backend.extend`` and the router scores are the mean of their per-token probabilities over
+    ``[min(pool_from, T - 1), T)`` (the turn's user message), the single-turn pooling rule.
     """
     sampling.check()
     ids = np.asarray(list(input_ids), dtype=np.int64)
     if ids.ndim != 1 or ids.size == 0:
         raise FirstEdgeError("the prompt is empty")
-    if ids.size >= backend.max_context:
+    if past_length + ids.size >= backend.max_context:
         raise FirstEdgeError(
-            f"prompt has {ids.size} tokens, longer than the context of {backend.max_context} tokens "
+            f"prompt has {past_length + ids.size} tokens, longer than the context of {backend.max_context} tokens "
             f"(at least one position must be left to generate)")
     thr = default_threshold if threshold is None else float(threshold)
     t0 = time.perf_counter()
-    logits, scores, graph_mask = backend.prefill(ids, thr)
+    if past_length:
+        logits, probs = backend.extend(ids, past_length)
+        probs = np.asarray(probs, dtype=np.float32)
+        scores = probs[:, min(int(pool_from), ids.size - 1):].mean(axis=1)
+        graph_mask = None  # the threshold rule applies below, as for a budget
+    else:
+        logits, scores, graph_mask = backend.prefill(ids, thr)
     scores = np.asarray(scores, dtype=np.float32)
     if mask is not None:
         final_mask = check_mask(mask, backend.n_layers)  # used exactly as given
@@ -157,7 +173,7 @@ def generate(backend: Backend, input_ids: Sequence[int], sampling: SamplingConfi
     if on_token:
         on_token(tok)
     stop = "max_new_tokens"
-    pos = int(ids.size)
+    pos = int(past_length + ids.size)
     t1 = time.perf_counter()
     while True:
         if tok in eos and not sampling.ignore_eos:

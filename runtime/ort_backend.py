@@ -9,6 +9,9 @@ an entry for it. No step copies a cache; the attention reads only the ``length``
 the per-token cost grows with the tokens so far, not with max_context.
 
 Decode shapes (manifest ``graphs.decode_shape``):
+Chat sessions (runtime/session.py) add ``extend.onnx``: a turn's new tokens through every layer after the
+tokens already cached, written in place into the same buffers (loaded on the first ``extend``).
+
   fused  one ``decode.onnx`` with an ``If`` per layer; one session call per token.
   split  ``embed.onnx``, ``layer_{l}.onnx``, ``head.onnx``; only the kept layers' sessions are called.
 """
@@ -113,6 +116,8 @@ class OrtBackend:
                                  f"rebuild with --opt decode_shape={shape} or both")
         self.decode_shape = shape
         self.profile = profile
+        self._extend_file = graphs.get("extend", "extend.onnx")
+        self.extend_sess = None  # loaded on a session's second turn (it holds its own copy of the weights)
         self._sessions = []
         self.prefill_sess = self._session(graphs.get("prefill", "prefill.onnx"), profile=False)
         self._check(self.prefill_sess, "prefill", graphs.get("prefill", "prefill.onnx"))
@@ -266,6 +271,40 @@ class OrtBackend:
         self.lengths[:] = T
         return res["logits"][0], res["router_scores"].astype(F32), res["layer_mask"].astype(bool)
 
+    def extend(self, input_ids: np.ndarray, past_length: int):
+        """A chat session's next turn: the new tokens through every layer after ``past_length`` tokens that
+        every layer's buffer holds; their K/V are written in place at past_length.. of every buffer (entries a
+        decode left there are overwritten). Returns the last position's logits [V] and the new tokens' router
+        probabilities [L, T]."""
+        ids = np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64).reshape(1, -1))
+        T, S = ids.shape[1], int(past_length)
+        if T < 1 or not 0 < S <= int(self.lengths.min()) or S + T > self.max_context:
+            raise FirstEdgeError(f"cannot extend {S} cached tokens by {T} within the context of {self.max_context}")
+        if ids.min() < 0 or ids.max() >= self.vocab:
+            raise FirstEdgeError(f"token id out of range for a vocabulary of {self.vocab}")
+        if self.extend_sess is None:
+            self.extend_sess = self._session(self._extend_file, profile=False)
+            self._check(self.extend_sess, "extend", self._extend_file)
+        b = self.extend_sess.io_binding()
+        past = np.array([S], np.int32)
+        probs = np.zeros((self.n_layers, T), F32)
+        logits = np.zeros((1, self.vocab), F32)
+        self._bin(b, "input_ids", ids)
+        self._bin(b, "past_length", past)
+        for l in range(self.n_layers):
+            self._bin(b, f"past_key_values.{l}.key", self.k[l])
+            self._bin(b, f"past_key_values.{l}.value", self.v[l])
+            self._bin(b, f"present.{l}.key", self.k[l], output=True)
+            self._bin(b, f"present.{l}.value", self.v[l], output=True)
+        self._bin(b, "logits", logits, output=True)
+        self._bin(b, "router_probs", probs, output=True)
+        try:
+            self.extend_sess.run_with_iobinding(b)
+        except Exception as e:  # noqa: BLE001  (a damaged graph can fail only when it runs)
+            raise FirstEdgeError(f"the extend graph failed: {first_line(e)}") from None
+        self.lengths[:] = S + T
+        return logits[0], probs
+
     def _set_mask(self, mask) -> None:
         mask = check_mask(mask, self.n_layers)
         key = mask.tobytes()
@@ -305,6 +344,6 @@ class OrtBackend:
 
     def close(self):
         self._sessions.clear()
-        for a in ("prefill_sess", "decode_sess", "embed_sess", "layer_sess", "head_sess", "_binding"):
+        for a in ("prefill_sess", "extend_sess", "decode_sess", "embed_sess", "layer_sess", "head_sess", "_binding"):
             if hasattr(self, a):
                 delattr(self, a)

@@ -23,5 +23,9 @@ class BundleTokenizer:
         text = self.prefix + prompt + self.suffix if chat else prompt
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_text(self, text: str) -> List[int]:
+        """Token ids of plain text (no template, no special tokens added): a chat session's user message."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)

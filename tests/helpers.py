@@ -82,7 +82,8 @@ def save_tiny_model_dir(path: Path, arch: str = "llama", seed: int = 0, **kw) ->
     m.save_pretrained(path, safe_serialization=True)
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tiny_tokenizer_json()),
                                   bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
-    tok.chat_template = ("{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
+                         "{% else %}<|assistant|> {{ m['content'] }} </s> {% endif %}{% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|> {% endif %}")
     tok.save_pretrained(path)
     return path
