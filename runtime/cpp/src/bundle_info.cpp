@@ -15,7 +15,7 @@ namespace first_edge {
 
 namespace {
 
-constexpr int kFormatVersion = 2;  // runtime/bundle.py FORMAT_VERSION
+constexpr int kFormatVersion = 3;  // runtime/bundle.py FORMAT_VERSION (3: the extend graph, chat.turn_prefix, chat.ids)
 
 bool file_exists(const std::string& p, bool* is_dir = nullptr) {
   struct stat st;
@@ -64,6 +64,35 @@ Status parse_specs(const Json& list, const std::string& where, std::vector<Tenso
   return Status::Ok();
 }
 
+// chat.ids: token ids of the chat template's pieces ({"prefix": [...], "suffix": [...], "turn_prefix": [...] or
+// null}); every id within the vocabulary, only turn_prefix may be null (runtime/bundle.py)
+Status parse_chat_ids(const Json& chat, int vocab_size, ChatIds* out) {
+  if (chat.type == Json::Null) return Status::Ok();
+  if (!chat.is_obj() || (chat.has("prefix") && !chat["prefix"].is_str()) || (chat.has("suffix") && !chat["suffix"].is_str()))
+    return Status::Error("manifest chat.prefix and chat.suffix must be strings");
+  if (chat.has("turn_prefix") && !chat["turn_prefix"].is_str() && chat["turn_prefix"].type != Json::Null)
+    return Status::Error("manifest chat.turn_prefix must be a string or null");
+  if (!chat.has("ids")) return Status::Ok();
+  const Json& ids = chat["ids"];
+  const std::string bad = "manifest chat.ids must map template pieces to lists of token ids within the vocabulary";
+  if (!ids.is_obj()) return Status::Error(bad);
+  for (const auto& kv : ids.obj) {
+    if (kv.first == "turn_prefix" && kv.second.type == Json::Null) continue;
+    if (!kv.second.is_arr()) return Status::Error(bad + " (" + kv.first + ")");
+    std::vector<int64_t> v;
+    for (const Json& e : kv.second.arr) {
+      int64_t t;
+      if (!e.as_int(&t) || t < 0 || t >= vocab_size)
+        return Status::Error(bad + " (" + kv.first + " holds " + (e.is_num() ? "an id outside 0.." + std::to_string(vocab_size - 1) : std::string("a non-integer")) + ")");
+      v.push_back(t);
+    }
+    if (kv.first == "prefix") out->prefix = std::move(v), out->has_prefix = true;
+    else if (kv.first == "suffix") out->suffix = std::move(v), out->has_suffix = true;
+    else if (kv.first == "turn_prefix") out->turn_prefix = std::move(v), out->has_turn_prefix = true;
+  }
+  return Status::Ok();
+}
+
 // The graphs the runner calls and the tensors it binds in each, by name (DESIGN.md section 2).
 Status parse_io(const Json& io, int n_layers, std::map<std::string, GraphIo>* out) {
   if (!io.is_obj()) return Status::Error("manifest has no graphs.io section (the graphs' inputs and outputs); rebuild the bundle");
@@ -72,12 +101,21 @@ Status parse_io(const Json& io, int n_layers, std::map<std::string, GraphIo>* ou
     pre_out.push_back("present." + std::to_string(l) + ".key");
     pre_out.push_back("present." + std::to_string(l) + ".value");
   }
+  // extend (a chat session's next turn): the new tokens and every layer's past in, the new K/V out
+  std::vector<std::string> ext_in = {"input_ids"}, ext_out = {"logits", "router_probs"};
+  for (int l = 0; l < n_layers; l++) {
+    ext_in.push_back("past_key_values." + std::to_string(l) + ".key");
+    ext_in.push_back("past_key_values." + std::to_string(l) + ".value");
+    ext_out.push_back("present." + std::to_string(l) + ".key");
+    ext_out.push_back("present." + std::to_string(l) + ".value");
+  }
   const std::vector<std::pair<std::string, std::pair<std::vector<std::string>, std::vector<std::string>>>> need = {
       {"prefill", {{"input_ids", "threshold"}, pre_out}},
       {"embed", {{"input_ids", "position"}, {"hidden_states", "cos", "sin"}}},
       {"layer", {{"hidden_states", "cos", "sin", "past_key_values.{l}.key", "past_key_values.{l}.value"},
                  {"hidden_states_out", "present.{l}.key", "present.{l}.value"}}},
       {"head", {{"hidden_states"}, {"logits"}}},
+      {"extend", {ext_in, ext_out}},
   };
   for (const auto& g : need) {
     const Json& gj = io[g.first];
@@ -161,6 +199,7 @@ Status load_bundle_info(const std::string& dir_in, BundleInfo* out, bool verify_
   if (tokens["bos_id"].as_int(&v)) info.bos_id = v;
   for (const Json& e : tokens["eos_ids"].arr)
     if (e.as_int(&v)) info.eos_ids.push_back(v);
+  if (!(s = parse_chat_ids(m["chat"], info.vocab_size, &info.chat_ids))) return s;
   const Json& routing = m["routing"];
   if (routing["default_threshold"].is_num()) info.default_threshold = (float)routing["default_threshold"].num;
   if (routing.has("pool_start")) {  // applied inside the prefill method; checked so a bad manifest is refused
@@ -187,6 +226,11 @@ Status load_bundle_info(const std::string& dir_in, BundleInfo* out, bool verify_
     if (meth["embed"].is_str()) info.embed_method = meth["embed"].str;
     if (meth["head"].is_str()) info.head_method = meth["head"].str;
     for (const Json& n : meth["layers"].arr) info.layer_methods.push_back(n.str);
+    if (meth.has("extend")) {
+      if (!meth["extend"].is_str() || meth["extend"].str.empty())
+        return Status::Error("manifest graphs.methods.extend must name the extend method");
+      info.extend_method = meth["extend"].str;
+    }
   }
   if (info.layer_methods.empty())
     for (int l = 0; l < info.n_layers; l++) info.layer_methods.push_back("layer_" + std::to_string(l));

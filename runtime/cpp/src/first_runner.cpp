@@ -106,6 +106,9 @@ struct Runner::Impl {
   int emb_ids, emb_pos, emb_h, emb_cos, emb_sin;
   int lay_h, lay_cos, lay_sin, lay_pk, lay_pv, lay_out_h, lay_out_k, lay_out_v;
   int head_h, head_logits;
+  int ext_ids, ext_logits, ext_probs;
+  std::vector<int> ext_pk, ext_pv, ext_k, ext_v;  // per layer
+  bool extend_loaded = false;  // the extend method is loaded on first use
   std::vector<EValue> embed_args, layer_args, head_args;  // reused by every decode step (filled in place)
   // one thread at a time (a Runner's KV buffers are its state); re-entrant for generate -> prefill/decode
   std::atomic<bool> busy{false};
@@ -174,6 +177,8 @@ Status Runner::create(const std::string& bundle_dir, int threads, std::unique_pt
   for (const auto& n : need) {
     if (!names->count(n)) return Status::Error(info.pte_file + " lacks the method '" + n + "' named in the manifest");
   }
+  if (!names->count(info.extend_method))
+    return Status::Error(info.pte_file + " lacks the extend method '" + info.extend_method + "' named in the manifest");
   // constant methods must agree with the manifest
   auto check_const = [&](const char* name, int64_t want) -> Status {
     if (!names->count(name)) return Status::Ok();
@@ -200,6 +205,9 @@ Status Runner::create(const std::string& bundle_dir, int threads, std::unique_pt
   for (const auto& n : info.layer_methods)
     if (!(s = check_signature(*impl.module, n, lay))) return s;
   if (!(s = check_signature(*impl.module, info.head_method, head))) return s;
+  // extend: its signature is read now (method_meta does not load it); the method itself on first use
+  const GraphIo& ext = info.io.at("extend");
+  if (!(s = check_signature(*impl.module, info.extend_method, ext))) return s;
   // and the manifest's model dims are the graphs' (layer past key [1, S, n_kv, head_dim], logits [1, vocab])
   const auto& pk = lay.inputs[lay.input("past_key_values.{l}.key")].shape;
   if (pk.size() != 4 || pk[2] != info.n_kv_heads || pk[3] != info.head_dim)
@@ -230,6 +238,15 @@ Status Runner::create(const std::string& bundle_dir, int threads, std::unique_pt
   impl.lay_out_h = lay.output("hidden_states_out");
   impl.lay_out_k = lay.output("present.{l}.key");
   impl.lay_out_v = lay.output("present.{l}.value");
+  impl.ext_ids = ext.input("input_ids");
+  impl.ext_logits = ext.output("logits");
+  impl.ext_probs = ext.output("router_probs");
+  for (int l = 0; l < info.n_layers; l++) {
+    impl.ext_pk.push_back(ext.input("past_key_values." + std::to_string(l) + ".key"));
+    impl.ext_pv.push_back(ext.input("past_key_values." + std::to_string(l) + ".value"));
+    impl.ext_k.push_back(ext.output("present." + std::to_string(l) + ".key"));
+    impl.ext_v.push_back(ext.output("present." + std::to_string(l) + ".value"));
+  }
   impl.head_h = head.input("hidden_states");
   impl.head_logits = head.output("logits");
   size_t per = (size_t)info.max_context * info.n_kv_heads * info.head_dim;
@@ -300,6 +317,76 @@ Status Runner::prefill(const std::vector<int64_t>& ids_in, float threshold, std:
     impl.len[l] = T;
   }
   std::fill(impl.layer_calls.begin(), impl.layer_calls.end(), 0);
+  return Status::Ok();
+}
+
+Status Runner::extend(const std::vector<int64_t>& ids_in, int64_t past_length, std::vector<float>* logits,
+                      std::vector<float>* router_probs) {
+  const BundleInfo& info = info_;
+  Impl& impl = *impl_;
+  InUse in_use(impl);
+  if (!in_use.ok()) return InUse::error();
+  const int64_t T = (int64_t)ids_in.size(), S = past_length;
+  const int min_len = *std::min_element(impl.len.begin(), impl.len.end());
+  if (T < 1 || S < 1 || S > min_len || S + T > info.max_context)
+    return Status::Error("cannot extend " + std::to_string(S) + " cached tokens by " + std::to_string(T) +
+                         " within the context of " + std::to_string(info.max_context) + " (every layer holds " +
+                         std::to_string(min_len) + ")");
+  for (int64_t t : ids_in)
+    if (t < 0 || t >= info.vocab_size)
+      return Status::Error("token id " + std::to_string(t) + " is outside the vocabulary (0.." +
+                           std::to_string(info.vocab_size - 1) + ")");
+  if (!impl.extend_loaded) {  // first use: XNNPACK packs this method's own copy of the weights now
+    auto err = impl.module->load_method(info.extend_method);
+    if (err != executorch::runtime::Error::Ok)
+      return Status::Error("ExecuTorch cannot load method '" + info.extend_method + "' (" + et_error(err) + ")");
+    impl.extend_loaded = true;
+  }
+  const int nkv = info.n_kv_heads, hd = info.head_dim, L = info.n_layers;
+  const size_t row = (size_t)nkv * hd;
+  std::vector<int64_t> ids(ids_in);
+  std::vector<TensorPtr> keep;  // the views must live through execute
+  std::vector<EValue> args(info.io.at("extend").inputs.size());
+  keep.push_back(from_blob(ids.data(), {1, (int)T}, ScalarType::Long));
+  args[impl.ext_ids] = EValue(keep.back());
+  for (int l = 0; l < L; l++) {  // zero-copy views of the first S rows of every layer's buffers
+    keep.push_back(from_blob(impl.k[l].data(), {1, (int)S, nkv, hd}, ScalarType::Float));
+    args[impl.ext_pk[l]] = EValue(keep.back());
+    keep.push_back(from_blob(impl.v[l].data(), {1, (int)S, nkv, hd}, ScalarType::Float));
+    args[impl.ext_pv[l]] = EValue(keep.back());
+  }
+  auto out = impl.module->execute(info.extend_method, args);
+  if (!out.ok()) return Status::Error("extend failed (" + et_error(out.error()) + ")");
+  const auto& o = *out;
+  if (o.size() != info.io.at("extend").outputs.size()) return Status::Error("extend returned an unexpected number of outputs");
+  auto lt = o[impl.ext_logits].toTensor();
+  auto pt = o[impl.ext_probs].toTensor();
+  if (lt.numel() != info.vocab_size || pt.numel() != (ssize_t)L * T)
+    return Status::Error("extend logits or router_probs have the wrong size");
+  for (int l = 0; l < L; l++)
+    for (int w = 0; w < 2; w++)
+      if (o[w == 0 ? impl.ext_k[l] : impl.ext_v[l]].toTensor().numel() != (ssize_t)(T * row))
+        return Status::Error("extend K/V have the wrong size");
+  logits->assign(lt.const_data_ptr<float>(), lt.const_data_ptr<float>() + info.vocab_size);
+  router_probs->assign(pt.const_data_ptr<float>(), pt.const_data_ptr<float>() + (size_t)L * T);
+  for (int l = 0; l < L; l++) {
+    // present [1, T, n_kv, hd] is the buffer's own layout: rows S..S+T-1, one copy each
+    const float* kn = o[impl.ext_k[l]].toTensor().const_data_ptr<float>();
+    const float* vn = o[impl.ext_v[l]].toTensor().const_data_ptr<float>();
+    std::copy(kn, kn + T * row, impl.k[l].data() + (size_t)S * row);
+    std::copy(vn, vn + T * row, impl.v[l].data() + (size_t)S * row);
+    impl.len[l] = (int)(S + T);
+  }
+  std::fill(impl.layer_calls.begin(), impl.layer_calls.end(), 0);
+  return Status::Ok();
+}
+
+Status Runner::kv_cache(int layer, const float** k, const float** v, int* length) const {
+  if (layer < 0 || layer >= info_.n_layers)
+    return Status::Error("layer " + std::to_string(layer) + " is out of range (0.." + std::to_string(info_.n_layers - 1) + ")");
+  *k = impl_->k[layer].data();
+  *v = impl_->v[layer].data();
+  *length = impl_->len[layer];
   return Status::Ok();
 }
 
@@ -420,41 +507,106 @@ int64_t sample(const std::vector<float>& logits, const GenerateOptions& o, std::
   }
   return idx.back();
 }
-}  // namespace
 
-Status Runner::generate(const std::vector<int64_t>& ids, const GenerateOptions& opt, GenerateResult* res,
-                        const std::function<void(int64_t)>& on_token) {
-  const BundleInfo& info = info_;
-  InUse in_use(*impl_);
-  if (!in_use.ok()) return InUse::error();
+
+// numpy's float32 sum (pairwise, 8 accumulators; numpy/_core/src/umath/loops_utils.h.src), so that the pooled
+// router scores of a session's turn are the Python runtime's to the bit (probs[:, s:].mean(axis=1) in float32)
+float pairwise_sum(const float* a, int64_t n) {
+  if (n < 8) {
+    float r = 0.f;
+    for (int64_t i = 0; i < n; i++) r += a[i];
+    return r;
+  }
+  if (n <= 128) {
+    float r[8];
+    for (int j = 0; j < 8; j++) r[j] = a[j];
+    int64_t i = 8;
+    for (; i < n - (n % 8); i += 8)
+      for (int j = 0; j < 8; j++) r[j] += a[i + j];
+    float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; i++) res += a[i];
+    return res;
+  }
+  int64_t n2 = n / 2;
+  n2 -= n2 % 8;
+  return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
+// The options' own checks (before anything runs, so a refused call changes nothing); the explicit mask parsed.
+Status check_options(const GenerateOptions& opt, int n_layers, std::vector<uint8_t>* user_mask) {
   if (opt.max_new_tokens < 1) return Status::Error("max_new_tokens must be at least 1");
   if (!(opt.temperature >= 0.f)) return Status::Error("temperature must be >= 0");
   if (!(opt.top_p > 0.f && opt.top_p <= 1.f)) return Status::Error("top_p must be in (0, 1]");
   if (!opt.mask.empty() && (opt.keep > 0 || opt.has_threshold))
     return Status::Error("give one of a mask, a threshold or a layer budget (--keep)");
   if (opt.keep > 0 && opt.has_threshold) return Status::Error("give either a threshold or a layer budget (--keep), not both");
-  std::vector<uint8_t> user_mask;
+  if (opt.has_threshold && !std::isfinite(opt.threshold)) return Status::Error("the threshold must be a finite number");
+  user_mask->clear();
   if (!opt.mask.empty()) {
-    Status s = parse_mask(opt.mask, info.n_layers, &user_mask);
+    Status s = parse_mask(opt.mask, n_layers, user_mask);
     if (!s) return s;
   }
-  if (opt.keep != 0 && (opt.keep < 1 || opt.keep > info.n_layers))
-    return Status::Error("--keep must be between 1 and the number of layers (" + std::to_string(info.n_layers) + "), got " +
+  if (opt.keep != 0 && (opt.keep < 1 || opt.keep > n_layers))
+    return Status::Error("--keep must be between 1 and the number of layers (" + std::to_string(n_layers) + "), got " +
                          std::to_string(opt.keep));
+  return Status::Ok();
+}
+}  // namespace
+
+Status check_generate_options(const GenerateOptions& opt, int n_layers) {
+  std::vector<uint8_t> m;
+  return check_options(opt, n_layers, &m);
+}
+
+Status Runner::generate(const std::vector<int64_t>& ids, const GenerateOptions& opt, GenerateResult* res,
+                        const std::function<void(int64_t)>& on_token) {
+  return generate_with_past(ids, 0, 0, opt, res, on_token);
+}
+
+Status Runner::generate_with_past(const std::vector<int64_t>& ids, int64_t past_length, int pool_from,
+                                  const GenerateOptions& opt, GenerateResult* res,
+                                  const std::function<void(int64_t)>& on_token) {
+  const BundleInfo& info = info_;
+  InUse in_use(*impl_);
+  if (!in_use.ok()) return InUse::error();
+  std::vector<uint8_t> user_mask;
+  Status s = check_options(opt, info.n_layers, &user_mask);
+  if (!s) return s;
+  const int64_t T = (int64_t)ids.size();
+  if (past_length < 0 || pool_from < 0) return Status::Error("past_length and pool_from must be >= 0");
+  if (past_length > 0 && T == 0) return Status::Error("the prompt is empty");
+  if (past_length > 0 && past_length + T >= info.max_context)
+    return Status::Error("prompt has " + std::to_string(past_length + T) + " tokens, longer than the context of " +
+                         std::to_string(info.max_context) + " tokens (at least one position must be left to generate)");
   GenerateResult r;
   float thr = opt.has_threshold ? opt.threshold : info.default_threshold;
   auto t0 = std::chrono::steady_clock::now();
   std::vector<float> logits, scores;
-  std::vector<uint8_t> gmask;
-  Status s = prefill(ids, thr, &logits, &scores, &gmask);
+  std::vector<uint8_t> gmask;  // the prefill graph's threshold mask; none after a past
+  if (past_length == 0) {
+    s = prefill(ids, thr, &logits, &scores, &gmask);
+  } else {
+    std::vector<float> probs;  // [L, T]
+    s = extend(ids, past_length, &logits, &probs);
+    if (s) {  // the turn's pooled span: the mean over t in [min(pool_from, T - 1), T)
+      const int64_t from = std::min<int64_t>(pool_from, T - 1);
+      scores.resize(info.n_layers);
+      for (int l = 0; l < info.n_layers; l++)
+        scores[l] = pairwise_sum(probs.data() + (size_t)l * T + from, T - from) / (float)(T - from);
+    }
+  }
   if (!s) return s;
   if (!user_mask.empty()) {
-    r.mask = user_mask;
+    r.mask = user_mask;  // used exactly as given
   } else if (opt.keep > 0) {
     s = budget_mask(scores, opt.keep, info.pinned, &r.mask);
     if (!s) return s;
-  } else {
+  } else if (!gmask.empty()) {
     r.mask = gmask;
+    for (int p : info.pinned) r.mask[p] = 1;
+  } else {  // the threshold rule, applied here (runtime/masks.py threshold_mask)
+    r.mask.assign(info.n_layers, 0);
+    for (int l = 0; l < info.n_layers; l++) r.mask[l] = scores[l] >= thr;
     for (int p : info.pinned) r.mask[p] = 1;
   }
   std::mt19937_64 rng(opt.seed);
@@ -465,7 +617,7 @@ Status Runner::generate(const std::vector<int64_t>& ids, const GenerateOptions& 
   r.tokens.push_back(tok);
   if (on_token) on_token(tok);
   r.stop_reason = "max_new_tokens";
-  int64_t pos = (int64_t)ids.size();
+  int64_t pos = past_length + T;
   auto t1 = std::chrono::steady_clock::now();
   std::clock_t c1 = std::clock();
   while (true) {
@@ -490,7 +642,7 @@ Status Runner::generate(const std::vector<int64_t>& ids, const GenerateOptions& 
   r.decode_cpu_s = double(std::clock() - c1) / CLOCKS_PER_SEC;
   r.scores = scores;
   r.layer_calls = impl_->layer_calls;
-  r.prompt_tokens = (int)ids.size();
+  r.prompt_tokens = (int)T;
   *res = std::move(r);
   return Status::Ok();
 }

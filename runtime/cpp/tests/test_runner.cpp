@@ -1,7 +1,9 @@
 // ctest: unit tests of the JSON reader, sha256 and mask rules, plus bad-bundle / bad-input checks against a
 // real bundle given by FIRST_EDGE_TEST_BUNDLE (built by tests/test_et_cpp.py). Every failure must come back
 // as a Status with a message, never a crash (run once under AddressSanitizer: -DFIRST_EDGE_ASAN=ON).
+#include <algorithm>
 #include <cmath>
+#include <set>
 #include <cstdio>
 #include <future>
 #include <thread>
@@ -187,7 +189,7 @@ static void bundle_tests(const std::string& good, const std::string& tmp) {
   spit(b + "/manifest.json", mf.substr(0, mf.size() / 2));
   expect_error(Runner::create(b, 1, &r), "not valid JSON", "truncated manifest");
   fresh();
-  spit(b + "/manifest.json", replace(mf, "\"format_version\": 2", "\"format_version\": 99"));
+  spit(b + "/manifest.json", replace(mf, "\"format_version\": 3", "\"format_version\": 99"));
   expect_error(Runner::create(b, 1, &r), "format version", "unknown format version");
   fresh();
   spit(b + "/manifest.json", replace(mf, "\"runtime\": \"executorch\"", "\"runtime\": \"onnxruntime\""));
@@ -250,11 +252,191 @@ static void bundle_tests(const std::string& good, const std::string& tmp) {
   sh("rm -rf '" + b + "'");
 }
 
+// Layer l's first n K and V entries of `r` against `ref`'s: the largest absolute difference.
+static double kv_diff(const Runner& r, const Runner& ref, int n) {
+  const BundleInfo& info = r.info();
+  const size_t count = (size_t)n * info.n_kv_heads * info.head_dim;
+  double worst = 0;
+  for (int l = 0; l < info.n_layers; l++) {
+    const float *k, *v, *rk, *rv;
+    int len = 0, rlen = 0;
+    if (!r.kv_cache(l, &k, &v, &len).ok || !ref.kv_cache(l, &rk, &rv, &rlen).ok || len < n || rlen < n) return 1e30;
+    for (size_t i = 0; i < count; i++) worst = std::max(worst, (double)std::max(std::fabs(k[i] - rk[i]), std::fabs(v[i] - rv[i])));
+  }
+  return worst;
+}
+
+// Chat sessions (runtime/session.py's rules): after every turn each layer's K/V for the conversation so far equals
+// a fresh all-layer prefill of it, each greedy reply equals single-shot generation on the conversation with the
+// same mask; refused turns (empty, bad ids or options, longer than the context, context full) leave the session
+// usable; trimming; reset; bundles that cannot hold a session.
+static void session_tests(const std::string& good, const std::string& tmp) {
+  std::unique_ptr<Runner> r, ref;
+  if (!Runner::create(good, 1, &r).ok || !Runner::create(good, 1, &ref).ok) {
+    CHECK(false);
+    return;
+  }
+  const BundleInfo& info = r->info();
+  const int L = info.n_layers, V = info.vocab_size, C = info.max_context;
+  const ChatIds& ids = info.chat_ids;
+  CHECK(ids.has_prefix && ids.has_suffix && ids.has_turn_prefix && !ids.turn_prefix.empty());
+  std::unique_ptr<Session> sess;
+  Status s = Session::create(r.get(), &sess);
+  CHECK(s.ok);
+  if (!s.ok) return;
+  // four turns, the masks from the routers' (default) threshold, two budgets, an explicit threshold
+  const std::vector<std::vector<int64_t>> turns = {{5, 17, 23, 9}, {41, 8, 30}, {12, 60, 7, 77}, {33}};
+  std::vector<ChatOptions> opts(4);
+  opts[1].keep = 2;
+  opts[2].keep = 5;
+  opts[3].has_threshold = true;
+  opts[3].threshold = 0.45f;
+  double worst = 0;
+  std::vector<int64_t> first_reply, prev_reply;
+  std::set<std::string> masks;
+  for (size_t i = 0; i < turns.size(); i++) {
+    opts[i].max_new_tokens = 5;
+    ChatResult res;
+    s = sess->chat(turns[i], opts[i], &res);
+    CHECK(s.ok);
+    if (!s.ok) {
+      std::fprintf(stderr, "turn %zu: %s\n", i + 1, s.message.c_str());
+      return;
+    }
+    std::vector<int64_t> hist = sess->history();
+    CHECK(res.turn == (int)i + 1 && res.history_tokens == (int)hist.size());
+    if (i == 0) {
+      first_reply = res.reply;
+      CHECK(res.reused_tokens == 0 && res.prefilled_tokens == (int)(ids.prefix.size() + turns[0].size() + ids.suffix.size()));
+    } else {
+      CHECK(res.reused_tokens > 0 &&
+            res.prefilled_tokens == (int)(prev_reply.size() + ids.turn_prefix.size() + turns[i].size() + ids.suffix.size()));
+      CHECK(res.prompt_tokens == res.prefilled_tokens && res.reused_tokens + res.prefilled_tokens == res.history_tokens);
+    }
+    prev_reply = res.reply;
+    std::string m;
+    for (uint8_t x : res.mask) m.push_back(x ? '1' : '0');
+    masks.insert(m);
+    std::printf("     turn %d: mask %s reply %zu tokens, reused %d, prefilled %d\n", res.turn, m.c_str(), res.reply.size(),
+                res.reused_tokens, res.prefilled_tokens);
+    // the cache against a fresh all-layer prefill of the conversation (the session's layers hold more entries:
+    // the decode steps after the prompt, overwritten by the next turn)
+    std::vector<float> lg, sc;
+    std::vector<uint8_t> mk;
+    CHECK(ref->prefill(hist, 0.5f, &lg, &sc, &mk).ok);
+    double d = kv_diff(*r, *ref, (int)hist.size());
+    worst = std::max(worst, d);
+    CHECK(d <= 1e-4);
+    // the reply equals single-shot generation on the conversation with the same mask
+    GenerateOptions one;
+    one.max_new_tokens = 5;
+    one.mask = m;
+    GenerateResult g;
+    CHECK(ref->generate(hist, one, &g).ok);
+    std::vector<int64_t> reply;
+    for (int64_t t : g.tokens) {
+      if (std::count(info.eos_ids.begin(), info.eos_ids.end(), t)) break;
+      reply.push_back(t);
+    }
+    CHECK(reply == res.reply);
+  }
+  CHECK(masks.size() > 1);
+  {  // the comparison is not vacuous: a conversation with one token changed differs
+    std::vector<int64_t> other = sess->history();
+    other[other.size() / 2] = (other[other.size() / 2] + 1) % V;
+    std::vector<float> lg, sc;
+    std::vector<uint8_t> mk;
+    CHECK(ref->prefill(other, 0.5f, &lg, &sc, &mk).ok && kv_diff(*r, *ref, (int)other.size()) > 1e-3);
+  }
+  std::printf("ok   session: 4 turns, %zu distinct masks, max |K/V - fresh prefill| %.3g\n", masks.size(), worst);
+  // refused turns: the session is unchanged and usable
+  std::vector<int64_t> before = sess->history();
+  ChatResult res;
+  ChatOptions o;
+  o.max_new_tokens = 4;
+  expect_error(sess->chat({}, o, &res), "the user turn is empty", "session: empty turn");
+  expect_error(sess->chat({5, V + 2}, o, &res), "outside the vocabulary", "session: token id out of range");
+  ChatOptions bad = o;
+  bad.keep = L + 1;
+  expect_error(sess->chat({5}, bad, &res), "--keep", "session: bad budget");
+  expect_error(sess->chat(std::vector<int64_t>(C, 7), o, &res), "the user turn needs", "session: turn longer than the context");
+  ChatOptions trim = o;
+  trim.trim = true;
+  expect_error(sess->chat(std::vector<int64_t>(C, 7), trim, &res), "more than the context", "session: too long, with trim");
+  CHECK(sess->history() == before);
+  // the context fills up: an error, then trimming drops the oldest turns and re-prefills the rest
+  std::vector<int64_t> long_turn;
+  for (int t = 5; t < 25; t++) long_turn.push_back(t);
+  sess->reset();
+  CHECK(sess->history().empty() && sess->turns() == 0);
+  ChatOptions fill = o;
+  fill.ignore_eos = true;
+  CHECK(sess->chat(long_turn, fill, &res).ok && res.turn == 1);
+  CHECK(sess->chat(long_turn, fill, &res).ok && res.turn == 2);
+  before = sess->history();
+  expect_error(sess->chat(long_turn, fill, &res), "the conversation is full", "session: context full");
+  CHECK(sess->history() == before && sess->turns() == 2);
+  fill.trim = true;
+  s = sess->chat(long_turn, fill, &res);
+  CHECK(s.ok && res.dropped_turns == 1 && res.turn == 3 && sess->turns() == 2);
+  std::vector<int64_t> hist = sess->history();
+  CHECK(res.history_tokens == (int)hist.size() && (int)hist.size() < C);
+  CHECK(std::equal(ids.prefix.begin(), ids.prefix.end(), hist.begin()));
+  std::vector<float> lg, sc;
+  std::vector<uint8_t> mk;
+  CHECK(ref->prefill(hist, 0.5f, &lg, &sc, &mk).ok && kv_diff(*r, *ref, (int)hist.size()) <= 1e-4);
+  CHECK(sess->chat({7, 8}, trim, &res).ok && res.turn == 4 && res.dropped_turns >= 1);  // still usable
+  // reset: the first turn again gives the first reply
+  sess->reset();
+  CHECK(sess->chat(turns[0], opts[0], &res).ok && res.turn == 1 && res.reply == first_reply);
+  // the Runner's extend refuses a past it does not hold
+  std::vector<float> probs;
+  expect_error(r->extend({5, 6}, 0, &lg, &probs), "cannot extend", "extend without a past");
+  expect_error(r->extend({5, 6}, C, &lg, &probs), "cannot extend", "extend past the cached tokens");
+  expect_error(r->extend({}, 1, &lg, &probs), "cannot extend", "extend with no tokens");
+  sess.reset();
+  r.reset();
+  ref.reset();
+  // bundles that cannot hold a session (or are refused)
+  std::string b = tmp + "/bad_session";
+  std::string mf = slurp(good + "/manifest.json");
+  auto edited = [&](const std::string& a, const std::string& c) {
+    sh("rm -rf '" + b + "' && cp -r '" + good + "' '" + b + "'");
+    std::string t = mf;
+    size_t p = t.find(a);
+    CHECK(p != std::string::npos);
+    if (p != std::string::npos) t.replace(p, a.size(), c);
+    spit(b + "/manifest.json", t);
+  };
+  edited("\"turn_prefix\": [", "\"turn_prefix\": null, \"turn_prefix_was\": [");
+  CHECK(Runner::create(b, 1, &r).ok);
+  if (r) expect_error(Session::create(r.get(), &sess), "cannot continue a conversation", "session: no turn_prefix ids");
+  edited("\"suffix\": [", "\"suffix_was\": [");
+  CHECK(Runner::create(b, 1, &r).ok);
+  if (r) expect_error(Session::create(r.get(), &sess), "lacks the prefix or suffix", "session: no suffix ids");
+  edited("\"prefix\": [", "\"prefix\": [" + std::to_string(V) + ", ");
+  expect_error(Runner::create(b, 1, &r), "chat.ids", "chat.ids outside the vocabulary");
+  edited("\"prefix\": [", "\"prefix\": [\"a\", ");
+  expect_error(Runner::create(b, 1, &r), "chat.ids", "chat.ids not integers");
+  edited("\"turn_prefix\": \"", "\"turn_prefix\": 3, \"turn_prefix_was\": \"");
+  expect_error(Runner::create(b, 1, &r), "chat.turn_prefix", "chat.turn_prefix not a string");
+  edited("\"extend\": \"extend\"", "\"extend\": \"extend2\"");
+  expect_error(Runner::create(b, 1, &r, false), "lacks the extend method 'extend2'", "unknown extend method");
+  edited("\"extend\": \"extend\"", "\"extend\": 7");
+  expect_error(Runner::create(b, 1, &r, false), "graphs.methods.extend", "extend method name not a string");
+  edited("\"name\": \"router_probs\"", "\"name\": \"router_prob\"");
+  expect_error(Runner::create(b, 1, &r, false), "lacks router_probs", "graphs.io.extend without router_probs");
+  sh("rm -rf '" + b + "'");
+}
+
 int main() {
   unit_tests();
   const char* good = std::getenv("FIRST_EDGE_TEST_BUNDLE");
   const char* tmp = std::getenv("FIRST_EDGE_TEST_TMP");
-  if (good && *good) bundle_tests(good, tmp && *tmp ? tmp : "/tmp");
+  if (good && *good) {
+    bundle_tests(good, tmp && *tmp ? tmp : "/tmp");
+    session_tests(good, tmp && *tmp ? tmp : "/tmp");
+  }
   else std::printf("FIRST_EDGE_TEST_BUNDLE not set: bundle tests skipped\n");
   std::printf("%d checks, %d failed\n", checks, failures);
   return failures ? 1 : 0;
