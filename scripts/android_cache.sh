@@ -84,7 +84,8 @@ ANDROID_ROOT="$R"
 AAPT="$R/$BT/aapt"
 AAPT2="$R/$BT/aapt2"
 ZIPALIGN="$R/$BT/zipalign"
-APKSIGNER_CP="$R/usr/share/java/apksigner.jar:$R/usr/share/java/apksig.jar"  # java -cp \$APKSIGNER_CP com.android.apksigner.ApkSignerTool
+# apksigner: java -cp \$APKSIGNER_CP com.android.apksigner.ApkSignerTool
+APKSIGNER_CP="$R/usr/share/java/apksigner.jar:$R/usr/share/java/apksig.jar"
 DX_JAR="$R/usr/share/java/com.android.dx.jar"
 ANDROID_JAR="$R/usr/share/java/com.android.android-23.jar"
 JUNIT_CP="$R/usr/share/java/junit4.jar:$R/usr/share/java/hamcrest.jar:$R/usr/share/java/com.android.json.jar"
