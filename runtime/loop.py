@@ -199,9 +199,9 @@ def generate(backend: Backend, input_ids: Sequence[int], sampling: SamplingConfi
                             step_logits=step_logits)
 
 
-def add_generation_args(ap) -> None:
+def add_generation_args(ap, prompt_required: bool = True) -> None:
     """The generation options shared by ``python -m runtime`` and ``python -m export.generate``."""
-    ap.add_argument("--prompt", required=True, help="the user message (the chat template is applied)")
+    ap.add_argument("--prompt", required=prompt_required, help="the user message (the chat template is applied)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--threshold", type=float, help="keep layer l when its prompt-mean router score >= T")
     g.add_argument("--keep", type=int, help="layer budget: keep the K highest-scoring layers")

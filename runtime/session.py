@@ -60,7 +60,8 @@ class Session:
     """A multi-turn conversation on one backend (``runtime.loop.Backend`` with ``extend``). Not thread-safe."""
 
     def __init__(self, backend, *, prefix: Sequence[int], suffix: Sequence[int], turn_prefix: Optional[Sequence[int]],
-                 eos_ids: Sequence[int], pinned: Sequence[int] = (), default_threshold: float = 0.5, tokenizer=None):
+                 eos_ids: Sequence[int], pinned: Sequence[int] = (), default_threshold: float = 0.5, tokenizer=None,
+                 vocab_size: Optional[int] = None):
         if turn_prefix is None:
             raise FirstEdgeError("this bundle's chat template cannot continue a conversation (no chat.ids.turn_prefix "
                                  "in the manifest); rebuild it, or use single-turn generation")
@@ -70,6 +71,7 @@ class Session:
         self.pinned = list(pinned)
         self.default_threshold = float(default_threshold)
         self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
         self.reset()
 
     @classmethod
@@ -78,7 +80,8 @@ class Session:
             raise FirstEdgeError("manifest chat.ids lacks the prefix or suffix token ids; rebuild the bundle")
         return cls(backend, prefix=bundle.chat_ids("prefix"), suffix=bundle.chat_ids("suffix"),
                    turn_prefix=bundle.chat_ids("turn_prefix"), eos_ids=bundle.eos_ids, pinned=bundle.pinned,
-                   default_threshold=bundle.default_threshold, tokenizer=tokenizer)
+                   default_threshold=bundle.default_threshold, tokenizer=tokenizer,
+                   vocab_size=int(bundle.model["vocab_size"]))
 
     def reset(self) -> None:
         """Forget the conversation (the buffers are overwritten by the next turn's prefill)."""
@@ -107,6 +110,10 @@ class Session:
         ids = [int(i) for i in user]
         if not ids:
             raise FirstEdgeError("the user turn is empty")
+        bad = [i for i in ids if i < 0 or (self.vocab_size is not None and i >= self.vocab_size)]
+        if bad:
+            raise FirstEdgeError(f"token id {bad[0]} is outside the vocabulary"
+                                 + (f" (0..{self.vocab_size - 1})" if self.vocab_size else ""))
         return ids
 
     def chat(self, user: Union[str, Sequence[int]], sampling: Optional[SamplingConfig] = None, *,
