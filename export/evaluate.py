@@ -48,12 +48,13 @@ from runtime.errors import FirstEdgeError, cli_main
 from runtime.loop import SamplingConfig, generate
 from runtime.masks import budget_mask, mask_str, threshold_mask
 
-from . import baselines
+from . import baselines, distributed
 from .data import Encoder, end_of_turn_id, load_split
 from .reference import TorchBackend, eos_ids
 from .importance import (PromptState, Scorer, greedy_masks, importance_order, paired_bootstrap, single_skip_costs,
                          spread_sample, static_mask, verdict)
 from .metrics import score
+from .distributed import current
 from .model import FirstModel, build_first_model
 
 METHODS = ("bi_global", "bi_task", "static_global", "static_task", "even", "random")
@@ -82,19 +83,26 @@ def sample_prompts(data_dir, split: str, tasks, n: int, seed: int, enc: Encoder)
 
 # ------------------------------------------------------------------ 2. calibrate baselines
 def calibrate_baselines(fm: FirstModel, scorer: Scorer, data_dir, tasks: List[str], enc: Encoder, n: int,
-                        n_new: int, eos, seed: int, progress=None) -> dict:
-    """Block Influence and single-layer KL costs on ``n`` train prompts per task; global = mean over tasks."""
+                        n_new: int, eos, seed: int, progress=None, dist=None) -> dict:
+    """Block Influence and single-layer KL costs on ``n`` train prompts per task; global = mean over tasks.
+    Data parallel: prompt g of the calibration sample (counted over the tasks) is measured by rank
+    g % world; the per-prompt sums are gathered. Block Influence runs on ``fm`` (on the CPU)."""
+    dist = dist or current()
     samples = sample_prompts(data_dir, "train", tasks, n, seed + 1, enc)
+    flat = [(t, ids) for t, items in samples.items() for _, ids in items]
+    part = {}
+    for g in dist.mine(range(len(flat))):
+        ids = flat[g][1]
+        bi = baselines.block_influence(fm, [ids])
+        part[g] = ((1.0 - bi) * len(ids), len(ids), single_skip_costs(scorer, scorer.prepare(ids, n_new, eos)))
+        if progress:
+            progress(1)
+    got = dist.merge(part)
     bi, costs = {}, {}
-    for t, items in samples.items():
-        ids = [x[1] for x in items]
-        bi[t] = baselines.block_influence(fm, ids)
-        c = []
-        for p in ids:
-            c.append(single_skip_costs(scorer, scorer.prepare(p, n_new, eos)))
-            if progress:
-                progress(1)
-        costs[t] = np.mean(c, 0)
+    for t in samples:
+        rows = [got[g] for g in range(len(flat)) if flat[g][0] == t]
+        bi[t] = 1.0 - np.sum([r[0] for r in rows], 0) / sum(r[1] for r in rows)
+        costs[t] = np.mean([r[2] for r in rows], 0)
     return {"bi_task": bi, "cost_task": costs, "bi_global": np.mean([bi[t] for t in tasks], 0),
             "cost_global": np.mean([costs[t] for t in tasks], 0), "tasks": tasks, "prompts_per_task": n}
 
@@ -192,12 +200,11 @@ def compare(per_prompt: Dict[str, List[dict]], prefix: str, n_boot: int, seed: i
 
 
 # ------------------------------------------------------------------ 5. generate
-def generate_quality(fm: FirstModel, tok, items, configs_by_prompt: List[Dict[str, np.ndarray]], n_new: int,
-                     eos, max_context: int) -> Dict[str, dict]:
-    """Greedy generation per configuration: mean task metric and agreement with the base answer."""
+def generate_texts(fm: FirstModel, tok, items, configs_by_prompt: List[Dict[str, np.ndarray]], n_new: int,
+                   eos, max_context: int) -> List[Dict[str, str]]:
+    """Greedy generation per configuration: per prompt {configuration: reply text}."""
     be = TorchBackend(fm, max_context=max_context)
-    scores: Dict[str, list] = {}
-    agree: Dict[str, list] = {}
+    out = []
     for (rec, ids), cfgs in zip(items, configs_by_prompt):
         memo: Dict[bytes, str] = {}
         texts = {}
@@ -206,11 +213,26 @@ def generate_quality(fm: FirstModel, tok, items, configs_by_prompt: List[Dict[st
                 res = generate(be, ids, SamplingConfig(max_new_tokens=n_new, eos_ids=eos), mask=m)
                 memo[m.tobytes()] = tok.decode(res.reply_tokens(eos), skip_special_tokens=True).strip()
             texts[name] = memo[m.tobytes()]
+        out.append(texts)
+    return out
+
+
+def quality_of_texts(items, texts_by_prompt: List[Dict[str, str]]) -> Dict[str, dict]:
+    """Mean task metric and agreement with the base answer, per configuration."""
+    scores: Dict[str, list] = {}
+    agree: Dict[str, list] = {}
+    for (rec, ids), texts in zip(items, texts_by_prompt):
         for name, text in texts.items():
             scores.setdefault(name, []).append(score(text, rec.references, rec.metric))
             agree.setdefault(name, []).append(score(text, [texts["base"]], rec.metric) if texts["base"] else float(text == ""))
     return {n: {"quality": float(np.mean(scores[n])), "agreement": float(np.mean(agree[n])), "n": len(scores[n])}
             for n in scores}
+
+
+def generate_quality(fm: FirstModel, tok, items, configs_by_prompt: List[Dict[str, np.ndarray]], n_new: int,
+                     eos, max_context: int) -> Dict[str, dict]:
+    """Greedy generation per configuration: mean task metric and agreement with the base answer."""
+    return quality_of_texts(items, generate_texts(fm, tok, items, configs_by_prompt, n_new, eos, max_context))
 
 
 # ------------------------------------------------------------------ 6. oracle
@@ -277,27 +299,41 @@ def check_budgets(fm: FirstModel, budgets: Sequence[int]):
             raise FirstEdgeError(f"budget {k} is out of range for {L} layers with {len(fm.pinned)} pinned")
 
 
-def score_task(scorer: Scorer, fm: FirstModel, items, enc: Encoder, continuation: int, eos, budgets, thresholds,
-               cal: dict, task: str, keep_states: int = 0, tick=None):
-    """Phase score: every configuration of every prompt of a task. Returns (per_prompt {name: [result]},
-    FiRST's masks {name: [mask per prompt]}, the first ``keep_states`` prompt states for the oracle)."""
-    per_prompt: Dict[str, List[dict]] = {}
-    first_masks: Dict[str, List[np.ndarray]] = {}
-    states = []
+def score_prompts(scorer: Scorer, fm: FirstModel, items, enc: Encoder, continuation: int, eos, budgets, thresholds,
+                  cal: dict, task: str, tick=None) -> List[tuple]:
+    """Phase score, for the given prompts of a task: per prompt ({configuration: result}, {FiRST's
+    configuration: mask})."""
+    out = []
     for rec, ids in items:
         ps = scorer.prepare(ids, continuation, eos)
         cfgs = prompt_configs(ps.scores, fm, budgets, thresholds, cal, task)
-        for name, r in score_prompt(scorer, ps, cfgs, enc.completion(rec.completion)).items():
-            per_prompt.setdefault(name, []).append(r)
-        for name, ms in cfgs.items():
-            if name.endswith("/first"):
-                first_masks.setdefault(name, []).append(ms[0])
-        if len(states) < keep_states:
-            states.append(ps)
-        else:
-            ps.kv = None
+        res = score_prompt(scorer, ps, cfgs, enc.completion(rec.completion))
+        out.append((res, {name: ms[0] for name, ms in cfgs.items() if name.endswith("/first")}))
+        ps.kv = None
         if tick:
             tick(1)
+    return out
+
+
+def collect_scores(scored: List[tuple]):
+    """(per_prompt {name: [result]}, first_masks {name: [mask]}) from ``score_prompts`` rows in prompt order."""
+    per_prompt: Dict[str, List[dict]] = {}
+    first_masks: Dict[str, List[np.ndarray]] = {}
+    for res, masks in scored:
+        for name, r in res.items():
+            per_prompt.setdefault(name, []).append(r)
+        for name, m in masks.items():
+            first_masks.setdefault(name, []).append(m)
+    return per_prompt, first_masks
+
+
+def score_task(scorer: Scorer, fm: FirstModel, items, enc: Encoder, continuation: int, eos, budgets, thresholds,
+               cal: dict, task: str, keep_states: int = 0, tick=None):
+    """Phase score: every configuration of every prompt of a task in this process. Returns (per_prompt
+    {name: [result]}, FiRST's masks {name: [mask per prompt]}, the first ``keep_states`` prompt states)."""
+    per_prompt, first_masks = collect_scores(score_prompts(scorer, fm, items, enc, continuation, eos, budgets,
+                                                           thresholds, cal, task, tick))
+    states = [scorer.prepare(ids, continuation, eos) for _, ids in items[:keep_states]]
     return per_prompt, first_masks, states
 
 
@@ -348,12 +384,21 @@ def evaluate(fm: FirstModel, tok, data_dir, split: str = "val", tasks=None, prom
              budgets: Sequence[int] = (3, 6, 9, 12), thresholds: Sequence[float] = (), continuation: int = 24,
              max_prompt_tokens: int = 256, calib: int = 8, train_tasks: Optional[List[str]] = None,
              gen_prompts: int = 32, gen_tokens: int = 48, oracle: int = 0, seed: int = 0, n_boot: int = 2000,
-             bf16: Optional[bool] = None, progress: bool = True, log=None) -> dict:
+             bf16: Optional[bool] = None, progress: bool = True, log=None, dist=None,
+             work: Optional[FirstModel] = None) -> dict:
     """The protocol (module docstring): sample, calibrate, then per task score, summarise, oracle and
-    generate; the summary over tasks last."""
+    generate; the summary over tasks last.
+
+    Data parallel (``export.distributed``; torchrun / accelerate launch): the prompts are numbered over
+    the tasks and prompt g is scored (and generated) by rank g % world; results are gathered in prompt
+    order, so every process returns what one process would (up to floating-point summation order).
+    The oracle study runs on rank 0. ``work``: the model the scorer runs (any dtype and device)."""
+    dist = dist or current()
     if log is None:
         def log(line):
             print(line, file=sys.stderr)
+    if not dist.main:
+        progress, log = False, (lambda line: None)
     t_all = time.time()
     L = fm.n_layers
     eos = eos_ids(tok, fm.cfg)
@@ -363,38 +408,61 @@ def evaluate(fm: FirstModel, tok, data_dir, split: str = "val", tasks=None, prom
     thresholds = sorted(set(float(t) for t in thresholds) | {float(fm.threshold)})
     samples = sample_prompts(data_dir, split, tasks, prompts, seed, enc)
     cal_tasks = list(train_tasks or samples)  # global baselines: the tasks the routers were trained on
-    scorer = Scorer(fm, bf16=bf16)
+    scorer = Scorer(fm, bf16=bf16) if work is None else Scorer(fm, work=work)
+    flat = [(t, j) for t, items in samples.items() for j in range(len(items))]
+    mine = dist.mine(range(len(flat)))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        total = calib * len(cal_tasks) + sum(len(v) for v in samples.values())
-        bar = tqdm(total=total, desc="evaluating", unit="prompt", file=sys.stderr, dynamic_ncols=True)
+        n_cal = len(dist.mine(range(calib * len(cal_tasks))))
+        bar = tqdm(total=n_cal + len(mine), desc="evaluating", unit="prompt", file=sys.stderr, dynamic_ncols=True)
     tick = bar.update if bar is not None else None
     t0 = time.time()
-    cal = calibrate_baselines(fm, scorer, data_dir, cal_tasks, enc, calib, continuation, eos, seed, progress=tick)
+    cal = calibrate_baselines(fm, scorer, data_dir, cal_tasks, enc, calib, continuation, eos, seed, progress=tick,
+                              dist=dist)
     log(f"[evaluate] baselines calibrated on {calib} train prompts x {len(cal_tasks)} tasks ({time.time() - t0:.0f} s)")
     flops = layer_flops(fm)
     res = {"protocol": 2, "split": split, "n_layers": L, "prompts_per_task": prompts, "budgets": list(budgets),
            "thresholds": thresholds, "continuation_tokens": continuation, "max_prompt_tokens": max_prompt_tokens,
            "seed": seed, "bootstrap": n_boot, "pinned": fm.pinned, "default_threshold": fm.threshold,
            "pool_start": int(getattr(fm, "pool_start", 0)), "calibration_tasks": cal_tasks,
-           "flops_per_token": flops.tolist(), "tasks": {},
+           "flops_per_token": flops.tolist(), "tasks": {}, "distributed": dist.summary(),
            "baseline_calibration": {"bi_global": cal["bi_global"].round(5).tolist(),
                                     "kl_skip_one_global": cal["cost_global"].round(5).tolist()}}
+    # -- score: this process's prompts, then every prompt's results in order
+    part = {}
+    for g in mine:
+        t, j = flat[g]
+        part[g] = score_prompts(scorer, fm, [samples[t][j]], enc, continuation, eos, budgets, thresholds, cal, t,
+                                tick)[0]
+    scored = dist.merge(part)
+    # -- summarise every task; oracle (rank 0); the generation masks
+    gen_jobs = []  # (task, j, {configuration: mask})
     for task, items in samples.items():
-        per_prompt, first_masks, states = score_task(scorer, fm, items, enc, continuation, eos, budgets, thresholds,
-                                                     cal, task, keep_states=oracle, tick=tick)
+        per_prompt, first_masks = collect_scores([scored[g] for g, (t, _) in enumerate(flat) if t == task])
         tr = summarise_task(items, per_prompt, first_masks, budgets, thresholds, flops, n_boot, seed)
-        if oracle:
+        if oracle and dist.main:
             oks = [k for k in budgets if k in TARGET_KS] or list(budgets)  # k = 6, 9; any budget on a small model
+            states = [scorer.prepare(ids, continuation, eos) for _, ids in items[:oracle]]
             tr["oracle"] = oracle_study(scorer, fm, states, cal, task, ks=oks)
         if gen_prompts:
-            gen_items = items[:gen_prompts]
-            masks = generation_masks(tr, first_masks, thresholds, cal, task, L, len(gen_items))
-            tr["generation"] = generate_quality(fm, tok, gen_items, masks, gen_tokens, eos,
-                                                max_prompt_tokens + gen_tokens + 8)
+            n_gen = len(items[:gen_prompts])
+            masks = generation_masks(tr, first_masks, thresholds, cal, task, L, n_gen)
+            gen_jobs += [(task, j, masks[j]) for j in range(n_gen)]
         res["tasks"][task] = tr
+    # -- generate: this process's share of the generation prompts
+    if gen_jobs:
+        part = {}
+        for g in dist.mine(range(len(gen_jobs))):
+            task, j, masks = gen_jobs[g]
+            part[g] = generate_texts(fm, tok, [samples[task][j]], [masks], gen_tokens, eos,
+                                     max_prompt_tokens + gen_tokens + 8)[0]
+        texts = dist.merge(part)
+        for task, items in samples.items():
+            rows = [(samples[t][j], texts[g]) for g, (t, j, _) in enumerate(gen_jobs) if t == task]
+            res["tasks"][task]["generation"] = quality_of_texts([r[0] for r in rows], [r[1] for r in rows])
+    for task, tr in res["tasks"].items():
         b6 = tr["budget"].get("6") or next(iter(tr["budget"].values()), None)
         if b6:
             log(f"[evaluate] {task}: budget KL FiRST {b6['first']['kl']:.3f} vs best static "
@@ -404,9 +472,15 @@ def evaluate(fm: FirstModel, tok, data_dir, split: str = "val", tasks=None, prom
     import resource
 
     ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = dist.gather(round(ru.ru_utime + ru.ru_stime, 1))
     res["eval_s"] = round(time.time() - t_all, 1)
-    res["cpu_s"] = round(ru.ru_utime + ru.ru_stime, 1)
+    res["cpu_s"] = round(sum(cpu), 1)
+    if dist.active:
+        res["cpu_s_per_rank"] = cpu
+        res["prompts_per_rank"] = [len(dist.records_of(len(flat))[r]) for r in range(dist.world)]
     res["summary"] = summarize(res)
+    if oracle and dist.active:  # the oracle study ran on rank 0: every process returns rank 0's result
+        res = dist.broadcast(res)
     return res
 
 
@@ -617,7 +691,9 @@ def parse_list(s: str, typ, what: str):
 @cli_main
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m export.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", required=True, help="run folder written by export.finetune")
+    ap.add_argument("--run", "--run-dir", dest="run", required=True,
+                    help="run folder written by export.finetune"
+                         "; --run-dir: the same, for torchrun, whose own --run-path makes --run ambiguous")
     ap.add_argument("--data", required=True, help="task data folder")
     ap.add_argument("--split", default="val", choices=["train", "val"])
     ap.add_argument("--tasks", default="all")
@@ -634,13 +710,21 @@ def main(argv=None):
     ap.add_argument("--oracle", type=int, default=0, help="prompts per task for the oracle study (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bootstrap", type=int, default=2000)
-    ap.add_argument("--fp32", action="store_true", help="fp32 even where bf16 is fast")
+    ap.add_argument("--fp32", action="store_true", help="fp32 even where bf16 is fast (the same as --dtype fp32)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
+    ap.add_argument("--dtype", default=None, help="the scored model's precision: bf16, fp16 or fp32 (default: bf16 on "
+                                                  "CUDA and on CPUs with AMX, else fp32)")
     ap.add_argument("--out", help="output folder (default <run>/eval_<split>)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dtype is not None:
+        distributed.resolve_dtype(args.dtype, "cpu")  # an unknown name is a one-line error before anything loads
+        if args.fp32 and args.dtype != "fp32":
+            raise FirstEdgeError(f"give either --fp32 or --dtype {args.dtype}, not both")
+    device = distributed.resolve_device(args.device)
     run = Path(args.run)
     rcfg = read_run(run)
     for name in ("prompts", "continuation", "calib", "bootstrap"):
@@ -662,11 +746,20 @@ def main(argv=None):
         if not np.isfinite(t):
             raise FirstEdgeError(f"threshold {t} is not a finite number")
     train_tasks = (rcfg.get("train") or {}).get("tasks")
-    res = evaluate(fm, tok, args.data, args.split, args.tasks, prompts=args.prompts, budgets=budgets,
-                   thresholds=thresholds, continuation=args.continuation, max_prompt_tokens=cap, calib=args.calib,
-                   train_tasks=train_tasks, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
-                   oracle=args.oracle, seed=args.seed, n_boot=args.bootstrap, bf16=False if args.fp32 else None,
-                   progress=not args.no_progress)
+    try:
+        dist = distributed.setup(device)
+        dtype = distributed.resolve_dtype(args.dtype, dist.device, prefer_bf16=not args.fp32)
+        work = distributed.working_copy(fm, dtype, dist.device, share_routers=False)
+        res = evaluate(fm, tok, args.data, args.split, args.tasks, prompts=args.prompts, budgets=budgets,
+                       thresholds=thresholds, continuation=args.continuation, max_prompt_tokens=cap, calib=args.calib,
+                       train_tasks=train_tasks, gen_prompts=args.gen_prompts, gen_tokens=args.gen_tokens,
+                       oracle=args.oracle, seed=args.seed, n_boot=args.bootstrap, progress=not args.no_progress,
+                       dist=dist, work=work)
+        res["distributed"]["dtype"] = dtype
+        if not dist.main:
+            return
+    finally:
+        distributed.teardown()
     out = Path(args.out) if args.out else run / f"eval_{args.split}"
     meta = {"run": str(run), "model": model or "default", "recipe": rcfg.get("recipe", "e2e"),
             "command": "python -m export.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)}

@@ -39,10 +39,12 @@ import torch.nn.functional as F
 
 from runtime.errors import FirstEdgeError, cli_main
 
+from . import distributed
 from .data import Encoder, end_of_turn_id, load_split, mix_tasks, resolve_tasks
-from .model import FirstModel, bf16_working_copy, build_first_model
+from .distributed import DTYPES, Dist, working_copy
+from .model import FirstModel, build_first_model
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: one part per rank that built it (part-<r>-of-<world>/), any world size reads them
 
 
 @dataclass
@@ -64,7 +66,9 @@ class TrainConfig:
     lam: float = 2.0                 # latency weight
     target_keep: Optional[float] = 0.7   # fraction of layers kept the latency term aims at (None, --no-target-keep: lam * mean gate)
     tau: float = 0.5                 # hard-gate threshold (= the runtime default threshold)
-    bf16: bool = True                # bf16 for the frozen model where it is fast (CPUs with AMX), else fp32
+    bf16: bool = True                # bf16 for the frozen model where it is fast (CPUs with AMX, CUDA), else fp32
+    dtype: str = "auto"              # the frozen model's precision: bf16, fp16, fp32; auto: bf16 where fast (above)
+    device: str = "auto"             # cpu or cuda; auto: cuda where there is one
     seed: int = 0
     save_every: int = 25
     # rank recipe (export/rank.py); max_completion_tokens is the length of the base continuation
@@ -103,9 +107,14 @@ PRESETS: Dict[str, dict] = {
 }
 
 
-def autocast(cfg: TrainConfig):
-    if cfg.bf16:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+def _dtype_name(cfg: TrainConfig) -> str:
+    return cfg.dtype if cfg.dtype in DTYPES else ("bf16" if cfg.bf16 else "fp32")
+
+
+def autocast(cfg: TrainConfig, device: str = "cpu"):
+    dt = _dtype_name(cfg)
+    if dt != "fp32":
+        return torch.autocast(torch.device(device).type, dtype=DTYPES[dt])
     import contextlib
 
     return contextlib.nullcontext()
@@ -114,62 +123,98 @@ def autocast(cfg: TrainConfig):
 # ------------------------------------------------------------------ prompt cache
 class PromptCache:
     """Per example: prompt hidden states entering each layer and the prompt K/V of each layer
-    ([Tp, L, D + 2*kv*hd], bf16 bits in a memory-mapped file), the completion ids, and the base
-    model's top-k log-probabilities at the completion positions."""
+    ([Tp, L, D + 2*kv*hd] in the working precision, bf16 as int16 bits, in a memory-mapped file), the
+    completion ids, and the base model's top-k log-probabilities at the completion positions.
 
-    def __init__(self, folder: Path, fm: FirstModel):
+    Data parallel (``export.distributed``): rank r of W builds only the examples ``i % W == r``, in
+    ``part-<r>-of-<W>/``; rank 0 then writes ``meta.json`` naming the parts. Any process (any world size,
+    e.g. a resumed run) opens every part and memory-maps a part's file only when it reads from it."""
+
+    def __init__(self, folder: Path, fm: FirstModel, dist: Optional[Dist] = None):
         self.folder = Path(folder)
         self.L, self.D = fm.n_layers, fm.hidden_size
         self.kvd = fm.n_kv_heads * fm.head_dim
         self.width = self.D + 2 * self.kvd  # per token and layer: hidden, K, V
         self.meta = None
-        self.arr = None
+        self.dist = dist or distributed.current()
         self.dtype = torch.bfloat16
+        self.examples = []
+        self._arrs: Dict[str, np.memmap] = {}
 
-    def _np(self):
-        return np.int16 if self.dtype == torch.bfloat16 else np.float32
+    _NP = {"bf16": np.int16, "fp16": np.float16, "fp32": np.float32}
+    _TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
     def exists(self, key: str) -> bool:
         m = self.folder / "meta.json"
-        if not m.exists() or not (self.folder / "states.bin").exists():
+        if not m.exists():
             return False
         try:
             meta = json.loads(m.read_text())
         except ValueError:
             return False
-        return meta.get("key") == key and meta.get("complete") is True
+        if meta.get("key") != key or meta.get("complete") is not True or meta.get("format") != CACHE_FORMAT:
+            return False
+        return all((self.folder / p / "states.bin").exists() and (self.folder / p / "examples.pt").exists()
+                   for p in meta.get("parts", []))
 
     def open(self):
         self.meta = json.loads((self.folder / "meta.json").read_text())
-        self.dtype = torch.bfloat16 if self.meta.get("dtype", "bf16") == "bf16" else torch.float32
-        ex = torch.load(self.folder / "examples.pt", weights_only=True)
-        self.examples = ex
-        total = self.meta["tokens"]
-        self.arr = np.memmap(self.folder / "states.bin", dtype=self._np(), mode="r", shape=(total, self.L, self.width))
+        self.dtype_name = self.meta.get("dtype", "bf16")
+        self.dtype = self._TORCH[self.dtype_name]
+        exs = {}
+        for part in self.meta["parts"]:
+            for e in torch.load(self.folder / part / "examples.pt", weights_only=True):
+                e["part"] = part
+                exs[int(e["index"])] = e
+        self.examples = [exs[i] for i in sorted(exs)]
+        self._arrs = {}
         return self
+
+    def _arr(self, part: str) -> np.memmap:
+        if part not in self._arrs:
+            pm = json.loads((self.folder / part / "meta.json").read_text())
+            self._arrs[part] = np.memmap(self.folder / part / "states.bin", dtype=self._NP[self.dtype_name], mode="r",
+                                         shape=(pm["tokens"], self.L, self.width))
+        return self._arrs[part]
+
+    @property
+    def arr(self):
+        """The memory-mapped states of a cache with one part (tests, tools)."""
+        return self._arr(self.meta["parts"][0])
 
     @torch.no_grad()
     def build(self, fm: FirstModel, encoded, key: str, cfg: TrainConfig, progress=True):
+        """Cache this rank's share of ``encoded`` (``fm``: the working model, on its device), then open the
+        whole cache once every rank has written its part."""
+        dist = self.dist
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.dtype = dt = torch.bfloat16 if cfg.bf16 else torch.float32
-        total = sum(len(e.prompt_ids) for e in encoded)
-        arr = np.memmap(self.folder / "states.bin", dtype=self._np(), mode="w+", shape=(total, self.L, self.width))
+        name = _dtype_name(cfg)
+        dt = self._TORCH[name]
+        dev = next(fm.hf.parameters()).device
+        mine = [i for i in range(len(encoded)) if dist.owns(i)]
+        part = f"part-{dist.rank}-of-{dist.world}"
+        pdir = self.folder / part
+        pdir.mkdir(parents=True, exist_ok=True)
+        (pdir / "meta.json").unlink(missing_ok=True)
+        total = sum(len(encoded[i].prompt_ids) for i in mine)
+        arr = np.memmap(pdir / "states.bin", dtype=self._NP[name], mode="w+", shape=(max(total, 1), self.L, self.width))
         examples = []
         off = 0
-        it = encoded
+        it = mine
         if progress:
             from tqdm import tqdm
 
-            it = tqdm(encoded, desc="caching prompt states", unit="ex", file=sys.stderr, dynamic_ncols=True)
-        for e in it:
+            it = tqdm(mine, desc="caching prompt states", unit="ex", file=sys.stderr, dynamic_ncols=True)
+        for i in it:
+            e = encoded[i]
             P, C = e.prompt_ids, e.completion_ids
             Tp = len(P)
-            ids = torch.tensor([P + C[:-1]], dtype=torch.int64)
-            pos = torch.arange(ids.shape[1], dtype=torch.int64).unsqueeze(0)
-            with autocast(cfg):
+            ids = torch.tensor([P + C[:-1]], dtype=torch.int64, device=dev)
+            pos = torch.arange(ids.shape[1], dtype=torch.int64, device=dev).unsqueeze(0)
+            with autocast(cfg, dev.type):
                 cos, sin = fm.rope(pos)
                 h = fm.embed(ids)
-                rows = torch.empty(Tp, self.L, self.width, dtype=dt)
+                rows = torch.empty(Tp, self.L, self.width, dtype=dt, device=dev)
                 for l in range(self.L):
                     rows[:, l, :self.D] = h[0, :Tp].to(dt)
                     h, k, v = fm.layer(l, h, cos, sin)
@@ -178,25 +223,32 @@ class PromptCache:
                 logits = fm.head(h[0, Tp:]).float()  # predicts C[1:]
             lp = torch.log_softmax(logits, -1)
             top = lp.topk(cfg.kd_topk, dim=-1)
+            rows = rows.cpu()
             arr[off:off + Tp] = (rows.view(torch.int16) if dt == torch.bfloat16 else rows).numpy()
-            examples.append({"off": off, "tp": Tp, "comp": torch.tensor(C, dtype=torch.int64),
+            examples.append({"index": i, "off": off, "tp": Tp, "comp": torch.tensor(C, dtype=torch.int64),
                              "prompt": torch.tensor(P, dtype=torch.int64),
-                             "tidx": top.indices.to(torch.int32), "tlp": top.values.to(torch.float16),
+                             "tidx": top.indices.to(torch.int32).cpu(), "tlp": top.values.to(torch.float16).cpu(),
                              "task": e.record.task})
             off += Tp
         arr.flush()
         del arr
-        torch.save(examples, self.folder / "examples.pt")
-        meta = {"format": CACHE_FORMAT, "key": key, "tokens": total, "n": len(examples), "complete": True,
-                "dtype": "bf16" if dt == torch.bfloat16 else "fp32"}
-        (self.folder / "meta.json").write_text(json.dumps(meta))
+        torch.save(examples, pdir / "examples.pt")
+        (pdir / "meta.json").write_text(json.dumps({"tokens": max(total, 1), "n": len(examples), "complete": True}))
+        parts = dist.gather(part)
+        if dist.main:
+            meta = {"format": CACHE_FORMAT, "key": key, "n": len(encoded), "complete": True, "dtype": name,
+                    "world_size": dist.world, "parts": parts}
+            tmp = self.folder / "meta.json.tmp"
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, self.folder / "meta.json")
+        dist.barrier()
         return self.open()
 
     def __len__(self):
         return len(self.examples)
 
-    def batch(self, idx: List[int]):
-        """Padded tensors for the cached router phases."""
+    def batch(self, idx: List[int], device=None):
+        """Padded tensors for the cached router phases (on ``device``, default the CPU)."""
         exs = [self.examples[i] for i in idx]
         B = len(exs)
         Tp = max(e["tp"] for e in exs)
@@ -213,7 +265,7 @@ class PromptCache:
         for i, e in enumerate(exs):
             tp, c = e["tp"], e["comp"]
             n = len(c) - 1
-            blk = torch.from_numpy(np.array(self.arr[e["off"]:e["off"] + tp]))
+            blk = torch.from_numpy(np.array(self._arr(e["part"])[e["off"]:e["off"] + tp]))
             states[i, :tp] = blk.view(torch.bfloat16) if self.dtype == torch.bfloat16 else blk
             pmask[i, :tp] = True
             cin[i, :n] = c[:-1]
@@ -222,7 +274,10 @@ class PromptCache:
             tidx[i, :n] = e["tidx"].long()
             tlp[i, :n] = e["tlp"].float()
             tps[i] = tp
-        return dict(states=states, pmask=pmask, cin=cin, tgt=tgt, tmask=tmask, tidx=tidx, tlp=tlp, tps=tps)
+        out = dict(states=states, pmask=pmask, cin=cin, tgt=tgt, tmask=tmask, tidx=tidx, tlp=tlp, tps=tps)
+        if device is not None and torch.device(device).type != "cpu":
+            out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
+        return out
 
 
 # ------------------------------------------------------------------ forward passes
@@ -258,12 +313,13 @@ def cached_forward(fm: FirstModel, b: dict, gate_fn, pinned: Optional[torch.Tens
     gates = gate_fn(g)
     if pinned is not None and bool(pinned.any()):
         gates = torch.where(pinned.view(1, L), torch.ones_like(gates), gates)
-    pos = b["tps"].view(B, 1) + torch.arange(Tc).view(1, Tc)
+    dev = b["cin"].device
+    pos = b["tps"].view(B, 1) + torch.arange(Tc, device=dev).view(1, Tc)
     h = fm.embed(b["cin"])
     cos, sin = (x.to(h.dtype) for x in fm.rope(pos))  # the rotation in the working precision (bf16 copy)
     # each completion position attends to its own (unpadded) prompt and causally to the completion
     allowed = torch.cat([pmask.view(B, 1, Tp).expand(B, Tc, Tp),
-                         torch.ones(Tc, Tc, dtype=torch.bool).tril().view(1, Tc, Tc).expand(B, Tc, Tc)], 2)
+                         torch.ones(Tc, Tc, dtype=torch.bool, device=dev).tril().view(1, Tc, Tc).expand(B, Tc, Tc)], 2)
     allowed = allowed.unsqueeze(1)
     for l in range(L):
         pk = states[:, :, l, D:D + kvd].view(B, Tp, fm.n_kv_heads, fm.head_dim).transpose(1, 2)
@@ -274,22 +330,46 @@ def cached_forward(fm: FirstModel, b: dict, gate_fn, pinned: Optional[torch.Tens
     return fm.head(h), g, gates
 
 
-def losses(logits, b, gates, cfg: TrainConfig):
+N_SUMS = 6  # loss_sums: CE sum, KL sum, completion tokens, gate sum, examples, layers kept at tau (sum)
+
+
+def loss_sums(logits, b, gates, g, tau: float) -> torch.Tensor:
+    """The sums the loss is made of, over this process's examples: [N_SUMS] (differentiable in the CE,
+    KL and gate sums). Data parallel: summed over ranks (``Dist.globalize``) before the loss is formed,
+    so every rank's loss has the value of the single-process loss of the whole batch."""
     lp = torch.log_softmax(logits.float(), -1)
     m = b["tmask"]
-    n = m.sum().clamp_min(1)
-    ce = -(lp.gather(-1, b["tgt"].unsqueeze(-1)).squeeze(-1) * m).sum() / n
+    ce = -(lp.gather(-1, b["tgt"].unsqueeze(-1)).squeeze(-1) * m).sum()
     tp = torch.softmax(b["tlp"], -1)  # teacher top-k, renormalised
     kd_ce = -(tp * lp.gather(-1, b["tidx"])).sum(-1)
     t_ent = -(tp * torch.log(tp.clamp_min(1e-12))).sum(-1)
-    kd = ((kd_ce - t_ent) * m).sum() / n  # KL(teacher_topk || student)
-    keep = gates.mean()
+    kd = ((kd_ce - t_ent) * m).sum()  # KL(teacher_topk || student), summed over tokens
+    one = torch.ones((), device=logits.device)
+    return torch.stack([ce, kd, m.sum().float() * one, gates.float().sum(), gates.shape[0] * one,
+                        (g.detach() >= tau).float().sum()])
+
+
+def loss_from_sums(s: torch.Tensor, cfg: TrainConfig, n_layers: int):
+    """(total loss, log record) from (global) ``loss_sums``."""
+    n = s[2].clamp_min(1)
+    ce, kd = s[0] / n, s[1] / n
+    keep = s[3] / (s[4] * n_layers).clamp_min(1)
     if cfg.target_keep is None:
         lat = cfg.lam * keep
     else:
         lat = cfg.lam * F.relu(keep - cfg.target_keep)
     total = cfg.ce * ce + cfg.kd * kd + lat
-    return total, {"loss": total.item(), "ce": ce.item(), "kd": kd.item(), "lat": lat.item()}
+    sd = s.detach()
+    rows = float(sd[4].clamp_min(1))
+    return total, {"loss": total.item(), "ce": ce.item(), "kd": kd.item(), "lat": float(lat),
+                   "gate": float(keep.detach()), "skipped": round(n_layers - float(sd[3]) / rows, 3),
+                   "skipped_at_tau": round(n_layers - float(sd[5]) / rows, 3)}
+
+
+def losses(logits, b, gates, cfg: TrainConfig, g=None):
+    """The loss of one batch in one process: (total, log record)."""
+    g = gates if g is None else g
+    return loss_from_sums(loss_sums(logits, b, gates, g, cfg.tau), cfg, gates.shape[1])
 
 
 # ------------------------------------------------------------------ LoRA phase (full mixed forward)
@@ -343,6 +423,8 @@ def phase_of(step: int, cfg: TrainConfig) -> str:
 
 def config_key(cfg: TrainConfig, fm: FirstModel, data_dir: str, tasks: List[str]) -> str:
     keyed = {k: getattr(cfg, k) for k in ("per_task", "max_prompt_tokens", "max_completion_tokens", "kd_topk", "seed", "bf16")}
+    if _dtype_name(cfg) == "fp16":
+        keyed["dtype"] = "fp16"
     keyed.update(data=str(Path(data_dir).resolve()), tasks=tasks, base=fm.identity())
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -364,13 +446,35 @@ def open_run(out: Path, resume: bool, resume_file: Path, what: str, model, seed:
     return fm, tok
 
 
+def resolve_placement(cfg: TrainConfig) -> Dist:
+    """Join the process group when launched by torchrun / accelerate (``export.distributed.setup``) and fix
+    ``cfg.device`` and ``cfg.dtype`` (``cfg.bf16`` follows the dtype). Returns this process's Dist."""
+    dist = distributed.setup(None if cfg.device == "auto" else cfg.device)
+    cfg.device = dist.dev.type
+    cfg.dtype = distributed.resolve_dtype(None if cfg.dtype == "auto" else cfg.dtype, cfg.device, prefer_bf16=cfg.bf16)
+    cfg.bf16 = cfg.dtype == "bf16"
+    return dist
+
+
+def distributed_record(dist: Dist, cfg: TrainConfig, n_records: int, batch: int) -> dict:
+    """What routers.json records about the processes: world size, per-rank and global batch, and the
+    records each rank cached or measured (record i of the run's list belongs to rank i % world)."""
+    recs = dist.records_of(n_records)
+    return dict(dist.summary(), dtype=cfg.dtype, global_batch=batch, per_rank_batch=round(batch / dist.world, 3),
+                split="record i belongs to rank i % world_size; a global batch is the single-process batch, each "
+                      "rank computing the records of it that it owns, gradients summed with all_reduce",
+                records_per_rank=[len(recs[r]) for r in range(dist.world)],
+                records={str(r): recs[r] for r in range(dist.world)})
+
+
 def train(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks=None, lora: bool = False,
           resume: bool = False, stop_after: Optional[int] = None, progress: bool = True, verbose: bool = True,
           fm: Optional[FirstModel] = None, tok=None) -> dict:
-    """Train routers (and LoRA) with ``cfg.recipe``; returns the summary also written into routers.json."""
-    from .importance import bf16_is_fast
-
-    cfg.bf16 = bool(cfg.bf16 and bf16_is_fast())
+    """Train routers (and LoRA) with ``cfg.recipe``; returns the summary also written into routers.json.
+    Under torchrun / accelerate launch every process calls this; rank 0 writes the run folder."""
+    dist = resolve_placement(cfg)
+    if not dist.main:
+        progress, verbose = False, False
     if cfg.recipe == "rank":
         if lora:
             raise FirstEdgeError("--lora needs the end-to-end recipe (--recipe e2e)")
@@ -389,10 +493,11 @@ class E2ERun:
     """What the phases of an end-to-end run share (``prepare`` fills it, the later phases add to it)."""
     out: Path
     cfg: TrainConfig
-    fm: FirstModel                   # fp32; its routers are the ones trained and saved
-    work: FirstModel                 # what the steps run: a bf16 copy sharing fm's routers, or fm itself
+    fm: FirstModel                   # fp32 on the CPU; its routers are the ones trained and saved
+    work: FirstModel                 # what the steps run: a copy in the working dtype on the device sharing fm's routers, or fm
     key: str                         # data and settings the prompt cache and the checkpoint belong to
     tasks: List[str]
+    dist: Dist = field(default_factory=Dist)
     cache: Optional[PromptCache] = None
     router_params: List[torch.nn.Parameter] = field(default_factory=list)
     opt: Optional[torch.optim.Optimizer] = None
@@ -414,6 +519,7 @@ def prepare(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tas
     """Phase 1: open the run folder, load the frozen model, encode the training records and make the
     working copy. Returns (run, encoded examples)."""
     out = Path(out)
+    dist = distributed.current()
     if not lora:
         cfg.lora_steps = 0
     tasks = resolve_tasks(data_dir, tasks)
@@ -426,14 +532,15 @@ def prepare(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tas
         raise FirstEdgeError(f"no usable training records in {data_dir} (completions are empty)")
     key = config_key(cfg, fm, data_dir, tasks)
     fm.eval()
-    work = bf16_working_copy(fm) if cfg.bf16 else fm
-    return E2ERun(out=out, cfg=cfg, fm=fm, work=work, key=key, tasks=tasks), encoded
+    work = working_copy(fm, cfg.dtype, dist.device)
+    return E2ERun(out=out, cfg=cfg, fm=fm, work=work, key=key, tasks=tasks, dist=dist), encoded
 
 
 def cache_prompts(run: E2ERun, encoded, progress: bool, verbose: bool) -> float:
-    """Phase 2: the prompt cache of ``run.key``, reused when complete, else built. Returns its seconds."""
+    """Phase 2: the prompt cache of ``run.key``, reused when complete (whatever world size built it), else
+    built, each rank its share. Returns its seconds."""
     t0 = time.time()
-    run.cache = PromptCache(run.out / "cache", run.work)
+    run.cache = PromptCache(run.out / "cache", run.work, run.dist)
     if run.cache.exists(run.key):
         run.cache.open()
         if verbose:
@@ -441,10 +548,21 @@ def cache_prompts(run: E2ERun, encoded, progress: bool, verbose: bool) -> float:
                   file=sys.stderr)
     else:
         if verbose:
-            print(f"[finetune] {len(encoded)} examples from {', '.join(run.tasks)}; caching prompt states once",
+            share = f", {len(run.dist.mine(range(len(encoded))))} on each of {run.dist.world} ranks" if run.dist.active else ""
+            print(f"[finetune] {len(encoded)} examples from {', '.join(run.tasks)}; caching prompt states once{share}",
                   file=sys.stderr)
+        run.dist.barrier()  # no rank reads an old meta.json while rank 0 replaces it
         run.cache.build(run.work, encoded, run.key, run.cfg, progress=progress)
     return time.time() - t0
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        from runtime.errors import first_line
+
+        raise FirstEdgeError(f"cannot read the checkpoint {path}: {first_line(e, 200)}") from None
 
 
 def init_optimizer(run: E2ERun, resume: bool, verbose: bool) -> int:
@@ -456,7 +574,7 @@ def init_optimizer(run: E2ERun, resume: bool, verbose: bool) -> int:
     run.opt = torch.optim.Adam(run.router_params, lr=cfg.lr)
     start = 1
     if resume:
-        state = torch.load(run.ckpt_file, weights_only=False)
+        state = load_checkpoint(run.ckpt_file)
         if state.get("key") != run.key:
             raise FirstEdgeError(f"{run.ckpt_file} was written for other data or settings; start a new --out")
         run.resumed = state
@@ -466,15 +584,19 @@ def init_optimizer(run: E2ERun, resume: bool, verbose: bool) -> int:
             grp["lr"] = cfg.lr
         start = int(state["step"]) + 1
         if verbose:
-            print(f"[finetune] resuming {run.out} at step {start}", file=sys.stderr)
-    if not resume and run.log_path.exists():
-        run.log_path.unlink()
-    elif resume and run.log_path.exists():
-        # a run killed after its last checkpoint logged steps that will run again: keep those before it
-        kept = [x for x in run.log_path.read_text().splitlines() if _log_step(x) < start]
-        tmp = run.log_path.with_suffix(".tmp")
-        tmp.write_text("".join(x + "\n" for x in kept))
-        os.replace(tmp, run.log_path)
+            was = state.get("world_size", 1)
+            print(f"[finetune] resuming {run.out} at step {start}"
+                  f"{f' (checkpoint written by {was} processes, now {run.dist.world})' if was != run.dist.world else ''}",
+                  file=sys.stderr)
+    if run.dist.main:
+        if not resume and run.log_path.exists():
+            run.log_path.unlink()
+        elif resume and run.log_path.exists():
+            # a run killed after its last checkpoint logged steps that will run again: keep those before it
+            kept = [x for x in run.log_path.read_text().splitlines() if _log_step(x) < start]
+            tmp = run.log_path.with_suffix(".tmp")
+            tmp.write_text("".join(x + "\n" for x in kept))
+            os.replace(tmp, run.log_path)
     return start
 
 
@@ -504,40 +626,53 @@ def ensure_lora(run: E2ERun):
 
 
 def train_step(run: E2ERun, step: int) -> dict:
-    """Phase 4, one step: the batch of ``step``, the forward of its phase (cached for soft/hard, the full
-    mixed forward for lora), the loss and the update. Returns the log record."""
-    cfg, work = run.cfg, run.work
+    """Phase 4, one step: the global batch of ``step`` (the same for any number of processes), this
+    process's part of it, the forward of its phase (cached for soft/hard, the full mixed forward for
+    lora), the loss from globally summed parts, gradients summed over processes, and the update.
+    Returns the log record."""
+    cfg, work, dist = run.cfg, run.work, run.dist
     phase = phase_of(step, cfg)
     idx = _batch_indices(len(run.cache), cfg.batch_size, cfg.seed, step)
+    mine = dist.mine(idx)
     gate_fn = make_gate_fn(phase, cfg.tau)
+    dev = dist.dev
     if phase == "lora":
         ensure_lora(run)
-        b = lora_batch(run.cache, idx)
-        with autocast(cfg):
-            logits, g, gates = work.mixed_forward(b["full_ids"], b["full_pmask"], gate_fn=lambda l, gl: gate_fn(gl))
-        logits = logits.gather(1, b["sel"].unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        opt = run.lora_opt
+        opt, params = run.lora_opt, run.lora_params + run.router_params
     else:
-        b = run.cache.batch(idx)
-        with autocast(cfg):
-            logits, g, gates = cached_forward(work, b, gate_fn, work.pinned_mask)
-        opt = run.opt
-    loss, parts = losses(logits, b, gates, cfg)
+        opt, params = run.opt, run.router_params
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if mine:
+        if phase == "lora":
+            b = lora_batch(run.cache, mine)
+            b = {k: v.to(dev) for k, v in b.items()}
+            with torch.device(dev), autocast(cfg, dev.type):
+                logits, g, gates = work.mixed_forward(b["full_ids"], b["full_pmask"],
+                                                      gate_fn=lambda l, gl: gate_fn(gl))
+            logits = logits.gather(1, b["sel"].unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        else:
+            b = run.cache.batch(mine, device=dev)
+            with autocast(cfg, dev.type):
+                logits, g, gates = cached_forward(work, b, gate_fn, work.pinned_mask)
+        sums = loss_sums(logits, b, gates, g, cfg.tau)
+    else:  # none of this batch's records is this process's: it only takes part in the sums
+        sums = torch.zeros(N_SUMS, device=dev)
+    loss, parts = loss_from_sums(dist.globalize(sums), cfg, run.fm.n_layers)
+    if loss.requires_grad:
+        loss.backward()
+    dist.reduce_grads(params)
     opt.step()
-    n_layers = run.fm.n_layers
-    hard_kept = float((g.detach() >= cfg.tau).float().sum(1).mean())
-    parts.update(step=step, phase=phase, gate=float(gates.detach().mean()),
-                 skipped=round(n_layers - float(gates.detach().sum(1).mean()), 3),
-                 skipped_at_tau=round(n_layers - hard_kept, 3))
+    parts.update(step=step, phase=phase)
     return parts
 
 
 def save_checkpoint(run: E2ERun, step: int):
-    """Phase 5a: ``checkpoint.pt`` (routers, optimisers, LoRA weights) for --resume, written atomically."""
+    """Phase 5a: ``checkpoint.pt`` (routers, optimisers, LoRA weights) for --resume, written atomically by
+    rank 0 (every rank holds the same state)."""
+    if not run.dist.main:
+        return
     st = {"step": step, "key": run.key, "routers": run.fm.routers.state_dict(), "opt": run.opt.state_dict(),
-          "cfg": asdict(run.cfg), "lora": None}
+          "cfg": asdict(run.cfg), "lora": None, "world_size": run.dist.world}
     if run.lora_opt is not None:
         st["lora"] = {n: p.detach().clone() for n, p in run.work.hf.named_parameters() if "lora_" in n}
         st["lora_opt"] = run.lora_opt.state_dict()
@@ -547,22 +682,31 @@ def save_checkpoint(run: E2ERun, step: int):
 
 
 def save_run(run: E2ERun, model: Optional[str], summary: dict):
-    """Phase 5b: routers.safetensors + routers.json (with the summary) and, after a LoRA phase, ``lora/``;
-    ``run.fm`` is left with the trained adapters merged and its routers frozen."""
+    """Phase 5b (rank 0): routers.safetensors + routers.json (with the summary) and, after a LoRA phase,
+    ``lora/``; ``run.fm`` is left on the CPU with the trained adapters merged and its routers frozen."""
     fm, out = run.fm, run.out
     with_lora = run.lora_opt is not None
     extra = {"lora": with_lora, "model_dir": str(Path(model).resolve()) if model else None, "train": summary}
-    if with_lora:
-        run.work.hf.save_pretrained(str(out / "lora"))
-        fm.save_routers(out, extra=extra)
-        from .model import attach_lora
+    fm.routers.to("cpu")
+    if run.dist.main:
+        if with_lora:
+            run.work.hf.save_pretrained(str(out / "lora"))
+            fm.save_routers(out, extra=extra)
+            from .model import attach_lora
 
-        fm.hf = attach_lora(fm.hf, out / "lora") if run.work is not fm else run.work.hf.merge_and_unload()
-    else:
-        fm.save_routers(out, extra=extra)
+            fm.hf = attach_lora(fm.hf, out / "lora") if run.work is not fm else run.work.hf.merge_and_unload()
+        else:
+            fm.save_routers(out, extra=extra)
     run.work = None
     for p in fm.routers.parameters():
         p.requires_grad_(False)
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def train_e2e(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tasks=None, lora: bool = False,
@@ -571,6 +715,7 @@ def train_e2e(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, t
     """The end-to-end recipe: prepare, cache, then the steps (checkpointed), then save."""
     t_start = time.time()
     run, encoded = prepare(model, data_dir, out, cfg, tasks, lora, resume, fm, tok, verbose)
+    dist = run.dist
     cache_s = cache_prompts(run, encoded, progress, verbose)
     start = init_optimizer(run, resume, verbose)
     total = cfg.total_steps
@@ -582,10 +727,14 @@ def train_e2e(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, t
     last = {}
     t_train = time.time()
     run.work.train(False)
+    delay = float(os.environ.get("FIRST_EDGE_TEST_STEP_DELAY", "0") or 0)  # tests: time to kill a run mid-training
     for step in range(start, total + 1):
         parts = last = train_step(run, step)
-        with open(run.log_path, "a") as f:
-            f.write(json.dumps(parts) + "\n")
+        if delay:
+            time.sleep(delay)
+        if dist.main:
+            with open(run.log_path, "a") as f:
+                f.write(json.dumps(parts) + "\n")
         if bar is not None:
             bar.set_postfix(phase=parts["phase"], loss=f"{parts['loss']:.3f}", gate=f"{parts['gate']:.3f}",
                             skipped=f"{parts['skipped']:.1f}")
@@ -596,23 +745,24 @@ def train_e2e(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, t
             save_checkpoint(run, step)
             if bar is not None:
                 bar.close()
+            dist.barrier()
             return {"stopped_at": step}
     if bar is not None:
         bar.close()
     train_s = time.time() - t_train
-    import resource
-
-    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = dist.gather(round(_cpu_seconds(), 1))
     summary = {"steps": total, "final": last, "cache_s": round(cache_s, 1), "train_s": round(train_s, 1),
-               "cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "threads": torch.get_num_threads(),
+               "cpu_s": round(sum(cpu), 1), "cpu_s_per_rank": cpu, "threads": torch.get_num_threads(),
                "total_s": round(time.time() - t_start, 1), "examples": len(run.cache), "tasks": run.tasks,
-               "data": str(data_dir), "config": asdict(cfg)}
+               "data": str(data_dir), "config": asdict(cfg),
+               "distributed": distributed_record(dist, cfg, len(run.cache), cfg.batch_size)}
     with_lora = run.lora_opt is not None
     save_run(run, model, summary)
+    dist.barrier()
     if verbose:
         print(f"[finetune] wrote {run.out}/routers.safetensors{' and lora/' if with_lora else ''} "
               f"in {summary['total_s']:.0f} s (cache {cache_s:.0f} s, training {train_s:.0f} s; CPU time "
-              f"{summary['cpu_s']:.0f} s); final: "
+              f"{summary['cpu_s']:.0f} s{f' over {dist.world} processes' if dist.active else ''}); final: "
               f"loss {last.get('loss', float('nan')):.3f}, layers skipped at tau={cfg.tau}: "
               f"{last.get('skipped_at_tau', 0):.1f}/{run.fm.n_layers}", file=sys.stderr)
     return summary
@@ -627,7 +777,7 @@ def main(argv=None):
     ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     ap.add_argument("--tasks", default="all", help="comma-separated task folders, or 'all'")
     ap.add_argument("--lora", action="store_true", help="add a LoRA phase (peft adapters trained with the routers)")
-    ap.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    ap.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt (any number of processes)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--keep-cache", action="store_true", help="keep <out>/cache (prompt states) after training")
@@ -635,22 +785,26 @@ def main(argv=None):
     ap.add_argument("--recipe", choices=["rank", "e2e"], default=None,
                     help="rank: routers learn measured per-prompt layer importance (default); "
                          "e2e: end-to-end straight-through training")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one); under torchrun "
+                                                   "each process takes the GPU of its local rank")
+    ap.add_argument("--dtype", default=None, help="the frozen model's precision: bf16, fp16 or fp32 (default: bf16 on "
+                                                  "CUDA and on CPUs with AMX, else fp32)")
     for f in TrainConfig.__dataclass_fields__.values():
-        if f.name in ("bf16", "recipe"):
+        if f.name in ("bf16", "recipe", "dtype", "device"):
             continue
         typ = int if isinstance(f.default, int) and not isinstance(f.default, bool) else float
         ap.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None,
                         help=f"override the preset's {f.name}")
     ap.add_argument("--no-target-keep", action="store_true",
                     help="e2e latency term lam * mean gate, without a target fraction of kept layers")
-    ap.add_argument("--fp32", action="store_true", help="no bf16 autocast (slower)")
+    ap.add_argument("--fp32", action="store_true", help="the same as --dtype fp32")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(**PRESETS[args.preset])
     for f in TrainConfig.__dataclass_fields__:
         v = getattr(args, f, None)
-        if v is not None and f != "bf16":
+        if v is not None and f not in ("bf16", "dtype", "device"):
             setattr(cfg, f, v)
     if cfg.recipe == "rank" and args.lora:
         raise FirstEdgeError("--lora needs the end-to-end recipe (--recipe e2e)")
@@ -662,15 +816,25 @@ def main(argv=None):
             raise FirstEdgeError("give either --target-keep or --no-target-keep, not both")
         cfg.target_keep = None
     if args.fp32:
+        if args.dtype not in (None, "fp32"):
+            raise FirstEdgeError(f"give either --fp32 or --dtype {args.dtype}, not both")
         cfg.bf16 = False
+    if args.dtype is not None:
+        distributed.resolve_dtype(args.dtype, "cpu")  # an unknown name is a one-line error before anything loads
+        cfg.dtype = args.dtype
+    if args.device is not None:
+        cfg.device = distributed.resolve_device(args.device)
     if cfg.batch_size < 1 or cfg.total_steps < 1:
         raise FirstEdgeError("batch size and steps must be at least 1")
-    summary = train(args.model, args.data, args.out, cfg, tasks=args.tasks, lora=args.lora, resume=args.resume,
-                    stop_after=args.stop_after, progress=not args.no_progress)
-    if "stopped_at" not in summary and not args.keep_cache:
-        import shutil
+    try:
+        summary = train(args.model, args.data, args.out, cfg, tasks=args.tasks, lora=args.lora, resume=args.resume,
+                        stop_after=args.stop_after, progress=not args.no_progress)
+        if "stopped_at" not in summary and not args.keep_cache and distributed.current().main:
+            import shutil
 
-        shutil.rmtree(Path(args.out) / "cache", ignore_errors=True)
+            shutil.rmtree(Path(args.out) / "cache", ignore_errors=True)
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

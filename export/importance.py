@@ -61,21 +61,28 @@ class Scorer:
     ``bf16=None`` picks bf16 where it is fast (:func:`bf16_is_fast`). ``bf16=True`` runs a bf16 copy of the frozen model (about 4x faster on CPU; the base and every
     mask go through the same path, so differences between masks are measured consistently); the
     routers stay fp32 and read the hidden states in fp32, as the exported graphs do.
+    ``work``: the model to run instead (``export.distributed.working_copy``: any dtype, any device);
+    results come back on the CPU.
     """
 
-    def __init__(self, fm: FirstModel, bf16: Optional[bool] = None, chunk: int = 32):
+    def __init__(self, fm: FirstModel, bf16: Optional[bool] = None, chunk: int = 32, work: Optional[FirstModel] = None):
         self.fm = fm
         self._bufs, self._bufs_key = None, None
-        if bf16 is None:
-            bf16 = bf16_is_fast()
         self.L = fm.n_layers
         self.chunk = int(chunk)
-        if bf16:
-            self.work = bf16_working_copy(fm)
-            self.dtype = torch.bfloat16
+        if work is not None:
+            self.work = work
+            self.dtype = next(work.hf.parameters()).dtype
         else:
-            self.work = fm
-            self.dtype = torch.float32
+            if bf16 is None:
+                bf16 = bf16_is_fast()
+            if bf16:
+                self.work = bf16_working_copy(fm)
+                self.dtype = torch.bfloat16
+            else:
+                self.work = fm
+                self.dtype = torch.float32
+        self.device = next(self.work.hf.parameters()).device
 
     def _rope(self, positions):
         return tuple(t.to(self.dtype) for t in self.work.rope(positions))
@@ -87,27 +94,29 @@ class Scorer:
         """Prefill ``ids`` with every layer, record router scores and K/V, decode ``n_new`` greedy tokens
         (stopping after an EOS id, which is kept as the last target)."""
         w = self.work
-        x = torch.tensor([list(ids)], dtype=torch.int64)
+        dev = self.device
+        x = torch.tensor([list(ids)], dtype=torch.int64, device=dev)
         T = x.shape[1]
         shape = (1, w.n_kv_heads, T + n_new, w.head_dim)
-        bufs = [(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)) for _ in range(self.L)]
-        cos, sin = self._rope(torch.arange(T, dtype=torch.int64).unsqueeze(0))
-        pool = w.pool_weights(torch.ones(1, T, dtype=torch.bool))[0]
+        bufs = [(torch.zeros(shape, dtype=self.dtype, device=dev), torch.zeros(shape, dtype=self.dtype, device=dev))
+                for _ in range(self.L)]
+        cos, sin = self._rope(torch.arange(T, dtype=torch.int64, device=dev).unsqueeze(0))
+        pool = w.pool_weights(torch.ones(1, T, dtype=torch.bool, device=dev))[0]
         h = w.embed(x)
         scores, hidden = [], []
         for l in range(self.L):
             hf = h[0, pool].float()
             scores.append(float(w.router_probs(l, hf).mean()))
             if keep_hidden:
-                hidden.append(hf.to(torch.bfloat16).clone())
+                hidden.append(hf.to(torch.bfloat16).cpu().clone())
             h, _, _ = w.layer(l, h, cos, sin, cache=(bufs[l][0], bufs[l][1], 0))
         tok = int(w.head(h[:, -1:])[0, -1].float().argmax())
         cont = [tok]
         eos = set(int(e) for e in eos_ids)
         pos = T
         while len(cont) < n_new and tok not in eos:
-            h = w.embed(torch.tensor([[tok]], dtype=torch.int64))
-            c, s = self._rope(torch.tensor([[pos]], dtype=torch.int64))
+            h = w.embed(torch.tensor([[tok]], dtype=torch.int64, device=dev))
+            c, s = self._rope(torch.tensor([[pos]], dtype=torch.int64, device=dev))
             for l in range(self.L):
                 h, _, _ = w.layer(l, h, c, s, cache=(bufs[l][0], bufs[l][1], pos))
             tok = int(w.head(h)[0, -1].float().argmax())
@@ -128,7 +137,8 @@ class Scorer:
             shape = (rows, w.n_kv_heads, Tp + length, w.head_dim)
             self._bufs = []
             for k, v in ps.kv:
-                kb, vb = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+                kb = torch.empty(shape, dtype=self.dtype, device=self.device)
+                vb = torch.empty(shape, dtype=self.dtype, device=self.device)
                 kb[:, :, :Tp] = k
                 vb[:, :, :Tp] = v
                 self._bufs.append((kb, vb))
@@ -144,16 +154,17 @@ class Scorer:
         toks = ps.cont[:-1] if tokens is None else list(tokens)
         masks = np.asarray(masks, dtype=bool).reshape(-1, self.L)
         M, T = masks.shape[0], len(toks)
+        dev = self.device
         if T == 0:
-            return torch.zeros(M, 0, w.vocab_size)
+            return torch.zeros(M, 0, w.vocab_size, device=dev)
         Tp = len(ps.ids)
         rows = min(self.chunk, M)
         bufs = self._batch_cache(ps, rows, max(T, len(ps.cont)))
-        cos, sin = self._rope((Tp + torch.arange(T, dtype=torch.int64)).unsqueeze(0))
-        emb = w.embed(torch.tensor([toks], dtype=torch.int64))
+        cos, sin = self._rope((Tp + torch.arange(T, dtype=torch.int64, device=dev)).unsqueeze(0))
+        emb = w.embed(torch.tensor([toks], dtype=torch.int64, device=dev))
         out = []
         for a in range(0, M, rows):
-            g = torch.from_numpy(masks[a:a + rows])
+            g = torch.from_numpy(masks[a:a + rows]).to(dev)
             m = g.shape[0]
             h = emb.expand(m, T, -1)
             gates = g.to(h.dtype).view(m, self.L, 1, 1)
@@ -176,6 +187,7 @@ class Scorer:
         base, rest = lp[:1], lp[1:]
         kl = (base.exp() * (base - rest)).sum(-1).clamp_min(0.0)
         agree = (rest.argmax(-1) == base.argmax(-1)).float()
+        kl, agree = kl.cpu(), agree.cpu()
         if per_token:
             return kl.numpy(), agree.numpy()
         if kl.shape[1] == 0:
@@ -189,8 +201,8 @@ class Scorer:
         if len(ref) < 2:
             return np.zeros(len(np.asarray(masks).reshape(-1, self.L)))
         lp = self.logprobs(ps, masks, tokens=ref[:-1])
-        tgt = torch.tensor(ref[1:], dtype=torch.int64).view(1, -1, 1).expand(lp.shape[0], -1, 1)
-        return (-lp.gather(-1, tgt).squeeze(-1)).mean(1).numpy()
+        tgt = torch.tensor(ref[1:], dtype=torch.int64, device=lp.device).view(1, -1, 1).expand(lp.shape[0], -1, 1)
+        return (-lp.gather(-1, tgt).squeeze(-1)).mean(1).cpu().numpy()
 
 
 # ------------------------------------------------------------------ masks from measurements

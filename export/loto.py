@@ -90,7 +90,9 @@ def report(res: dict, command: str) -> str:
 @cli_main
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m export.loto", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", required=True, help="a rank-recipe run folder (with labels/, i.e. --keep-cache)")
+    ap.add_argument("--run", "--run-dir", dest="run", required=True,
+                    help="a rank-recipe run folder (with labels/, i.e. --keep-cache)"
+                         "; --run-dir: the same, for torchrun, whose own --run-path makes --run ambiguous")
     ap.add_argument("--data", required=True)
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--budgets", default="6,9")

@@ -27,6 +27,7 @@ Phases (``train_rank``):
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,10 +65,16 @@ def init_from_importance(fm: FirstModel, order) -> None:
 # ------------------------------------------------------------------ measure
 class LabelSet:
     """Per training prompt: toggle labels u [L], KL of the static mask, task, and the pooled router
-    inputs (memory-mapped [sum P, L, D] float16-safe bf16 bits)."""
+    inputs (memory-mapped [sum P, L, D] bf16 bits).
+
+    Data parallel (``export.distributed``): rank r of W measures the prompts ``i % W == r`` and writes their
+    router inputs in ``part-<r>-of-<W>/hidden.bin``; rank 0 writes the labels of every prompt
+    (``labels.npz``, with the part and offset of each prompt's router inputs) and ``meta.json``. Any number
+    of processes reads them back; a part's file is memory-mapped when a prompt of it is read."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self._arrs = {}
 
     def complete(self, key: str) -> bool:
         m = self.folder / "meta.json"
@@ -75,46 +82,84 @@ class LabelSet:
             meta = json.loads(m.read_text())
         except (OSError, ValueError):
             return False
-        return meta.get("key") == key and meta.get("complete") is True and meta.get("format") == LABELS_FORMAT
+        return (meta.get("key") == key and meta.get("complete") is True and meta.get("format") == LABELS_FORMAT
+                and all((self.folder / p / "hidden.bin").exists() for p in meta.get("parts", [])))
 
-    def write(self, key: str, meta: dict, states: List[PromptState], u: np.ndarray, k0: np.ndarray, tasks: List[str]):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        L, D = len(states[0].hidden), states[0].hidden[0].shape[-1]
+    def write(self, key: str, meta: dict, states: List[PromptState], u: np.ndarray, k0: np.ndarray, tasks: List[str],
+              indices: Optional[List[int]] = None, L: Optional[int] = None, D: Optional[int] = None, dist=None):
+        """Write this process's prompts (``indices``: their places in the run's prompt list, default 0..n-1);
+        with several processes every rank calls this and rank 0 gathers the labels."""
+        from .distributed import current
+
+        dist = dist or current()
+        indices = list(range(len(states))) if indices is None else [int(i) for i in indices]
+        L = L or len(states[0].hidden)
+        D = D or states[0].hidden[0].shape[-1]
+        part = f"part-{dist.rank}-of-{dist.world}"
+        pdir = self.folder / part
+        pdir.mkdir(parents=True, exist_ok=True)
         lens = [int(s.hidden[0].shape[0]) for s in states]
-        arr = np.memmap(self.folder / "hidden.bin", dtype=np.int16, mode="w+", shape=(sum(lens), L, D))
+        arr = np.memmap(pdir / "hidden.bin", dtype=np.int16, mode="w+", shape=(max(sum(lens), 1), L, D))
         off = 0
-        for s, n in zip(states, lens):
+        mine = {}
+        for j, (s, n) in enumerate(zip(states, lens)):
             blk = torch.stack([h.to(torch.bfloat16) for h in s.hidden], 1)  # [P, L, D]
             arr[off:off + n] = blk.view(torch.int16).numpy()
+            mine[indices[j]] = (np.asarray(u[j], dtype=np.float32), float(k0[j]), n, str(tasks[j]), part, off)
             off += n
         arr.flush()
         del arr
-        np.savez(self.folder / "labels.npz", u=u, k0=k0, lens=np.array(lens), tasks=np.array(tasks))
-        meta = dict(meta, format=LABELS_FORMAT, key=key, tokens=sum(lens), L=L, D=D, complete=True)
-        (self.folder / "meta.json").write_text(json.dumps(meta, indent=1))
+        (pdir / "tokens.json").write_text(json.dumps({"tokens": max(sum(lens), 1)}))
+        allp = dist.merge(mine)
+        parts = dist.gather(part)
+        if dist.main:
+            rec = list(allp.values())
+            np.savez(self.folder / "labels.npz", u=np.stack([r[0] for r in rec]), k0=np.array([r[1] for r in rec]),
+                     lens=np.array([r[2] for r in rec]), tasks=np.array([r[3] for r in rec]),
+                     parts=np.array([r[4] for r in rec]), offs=np.array([r[5] for r in rec], dtype=np.int64))
+            meta = dict(meta, format=LABELS_FORMAT, key=key, tokens=int(sum(r[2] for r in rec)), L=L, D=D,
+                        parts=parts, world_size=dist.world, complete=True)
+            tmp = self.folder / "meta.json.tmp"
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, self.folder / "meta.json")
+        dist.barrier()
 
     def open(self):
         self.meta = json.loads((self.folder / "meta.json").read_text())
         z = np.load(self.folder / "labels.npz")
         self.u, self.k0, self.lens, self.tasks = z["u"], z["k0"], z["lens"], list(z["tasks"])
-        self.offs = np.concatenate([[0], np.cumsum(self.lens)[:-1]]).astype(np.int64)
-        L, D = self.meta["L"], self.meta["D"]
-        self.arr = np.memmap(self.folder / "hidden.bin", dtype=np.int16, mode="r", shape=(self.meta["tokens"], L, D))
+        if "parts" in z:
+            self.parts, self.offs = [str(p) for p in z["parts"]], z["offs"].astype(np.int64)
+        else:  # one hidden.bin beside labels.npz (written before the parts)
+            self.parts = [""] * len(self.lens)
+            self.offs = np.concatenate([[0], np.cumsum(self.lens)[:-1]]).astype(np.int64)
+        self._arrs = {}
         return self
+
+    def _arr(self, part: str) -> np.memmap:
+        if part not in self._arrs:
+            L, D = self.meta["L"], self.meta["D"]
+            f = self.folder / part / "hidden.bin"
+            tokens = json.loads((self.folder / part / "tokens.json").read_text())["tokens"] if part else self.meta["tokens"]
+            self._arrs[part] = np.memmap(f, dtype=np.int16, mode="r", shape=(tokens, L, D))
+        return self._arrs[part]
 
     def __len__(self):
         return len(self.u)
 
-    def batch(self, idx) -> dict:
+    def batch(self, idx, device=None) -> dict:
         P = int(max(self.lens[i] for i in idx))
         L, D = self.meta["L"], self.meta["D"]
         h = torch.zeros(len(idx), P, L, D, dtype=torch.float32)
         pm = torch.zeros(len(idx), P, dtype=torch.bool)
         for j, i in enumerate(idx):
             n, o = int(self.lens[i]), int(self.offs[i])
-            h[j, :n] = torch.from_numpy(np.array(self.arr[o:o + n])).view(torch.bfloat16).float()
+            h[j, :n] = torch.from_numpy(np.array(self._arr(self.parts[i])[o:o + n])).view(torch.bfloat16).float()
             pm[j, :n] = True
-        return {"hidden": h, "pmask": pm, "u": torch.from_numpy(self.u[list(idx)]).float()}
+        out = {"hidden": h, "pmask": pm, "u": torch.from_numpy(self.u[list(idx)]).float()}
+        if device is not None and torch.device(device).type != "cpu":
+            out = {k: v.to(device) for k, v in out.items()}
+        return out
 
 
 def pooled_scores(fm: FirstModel, hidden: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
@@ -124,39 +169,49 @@ def pooled_scores(fm: FirstModel, hidden: torch.Tensor, pmask: torch.Tensor) -> 
     return torch.stack([(fm.router_probs(l, hidden[:, :, l]) * w).sum(1) / den for l in range(fm.n_layers)], 1)
 
 
-def measure(fm: FirstModel, encoded, tasks: List[str], cfg, eos, progress: bool = True, log=print) -> dict:
-    """Importance prior, pinned layers, static mask, and per-prompt labels with router inputs."""
-    scorer = Scorer(fm, bf16=None if cfg.bf16 else False)
+def measure(fm: FirstModel, encoded, tasks: List[str], cfg, eos, progress: bool = True, log=print, dist=None,
+            scorer: Optional[Scorer] = None) -> dict:
+    """Importance prior, pinned layers, static mask, and per-prompt labels with router inputs.
+    Data parallel: each rank measures its share of the calibration prompts (the costs are gathered, so
+    every rank derives the same prior, pins and static mask) and the labels of its share of the
+    prompts (``indices``); one process measures everything."""
+    from .distributed import current
+
+    dist = dist or current()
+    scorer = scorer or Scorer(fm, bf16=None if cfg.bf16 else False)
     L = fm.n_layers
     n_new = cfg.max_completion_tokens
     by_task: Dict[str, List[int]] = {}
     for i, e in enumerate(encoded):
         by_task.setdefault(e.record.task, []).append(i)
     calib_idx = [i for t in sorted(by_task) for i in by_task[t][:cfg.calib_per_task]]
+    my_calib = dist.mine(calib_idx)
+    mine = dist.mine(range(len(encoded)))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(calib_idx) + len(encoded), desc="measuring layer importance", unit="prompt",
+        bar = tqdm(total=len(my_calib) + len(mine), desc="measuring layer importance", unit="prompt",
                    file=sys.stderr, dynamic_ncols=True)
     t0 = time.time()
     states: Dict[int, PromptState] = {}
-    costs = []
-    for i in calib_idx:
+    my_costs = {}
+    for i in my_calib:
         ps = scorer.prepare(encoded[i].prompt_ids, n_new, eos, keep_hidden=True)
         states[i] = ps
-        costs.append(single_skip_costs(scorer, ps))
+        my_costs[i] = single_skip_costs(scorer, ps)
         if bar is not None:
             bar.update(1)
-    costs = np.array(costs)
+    all_costs = dist.merge(my_costs)
+    costs = np.array([all_costs[i] for i in calib_idx])
     prior, pinned, order = prior_from_costs(costs, cfg.pin_nats)
     k = label_k(cfg, L, len(pinned))
     S = static_mask(order, k, L)
     log(f"[finetune] importance prior from {len(calib_idx)} prompts ({time.time() - t0:.0f} s); pinned {pinned}; "
         f"static mask skips {sorted(int(x) for x in np.flatnonzero(~S))}")
     us, k0s, kept_states = [], [], []
-    for i, e in enumerate(encoded):
-        ps = states.pop(i, None) or scorer.prepare(e.prompt_ids, n_new, eos, keep_hidden=True)
+    for i in mine:
+        ps = states.pop(i, None) or scorer.prepare(encoded[i].prompt_ids, n_new, eos, keep_hidden=True)
         u, k0 = toggle_labels(scorer, ps, S)
         ps.kv = None  # only the router inputs are kept
         us.append(u)
@@ -168,8 +223,9 @@ def measure(fm: FirstModel, encoded, tasks: List[str], cfg, eos, progress: bool 
         bar.close()
     return {"prior": prior, "costs": costs, "calib_tasks": [encoded[i].record.task for i in calib_idx],
             "pinned": pinned, "order": order, "static": S, "label_k": k,
-            "u": np.array(us, dtype=np.float32), "k0": np.array(k0s, dtype=np.float32), "states": kept_states,
-            "measure_s": time.time() - t0, "tasks": [e.record.task for e in encoded]}
+            "u": np.array(us, dtype=np.float32).reshape(len(mine), L), "k0": np.array(k0s, dtype=np.float32),
+            "states": kept_states, "indices": mine, "measure_s": time.time() - t0,
+            "tasks": [encoded[i].record.task for i in mine]}
 
 
 def prior_from_costs(costs: np.ndarray, pin_nats: float):
@@ -187,15 +243,16 @@ def label_k(cfg, L: int, n_pinned: int) -> int:
 
 
 # ------------------------------------------------------------------ fit
-def rank_loss(z: torch.Tensor, u: torch.Tensor, free: torch.Tensor, cap: float, temperature: float) -> torch.Tensor:
+def rank_loss(z: torch.Tensor, u: torch.Tensor, free: torch.Tensor, cap: float, temperature: float,
+              per_prompt: bool = False) -> torch.Tensor:
     """Pairwise ranking loss, averaged per prompt: z router logits [B, L], u labels [B, L], free [L]
-    (False for pinned layers, which take no part)."""
+    (False for pinned layers, which take no part). ``per_prompt``: the loss of each prompt [B]."""
     du = (u.unsqueeze(2) - u.unsqueeze(1)).clamp(min=0.0, max=cap)  # i more important than j
     pair = (free.view(1, -1, 1) & free.view(1, 1, -1)).float()
     w = du * pair
     dz = z.unsqueeze(2) - z.unsqueeze(1)
     per = (w * F.softplus(-dz / temperature)).sum((1, 2)) / w.sum((1, 2)).clamp_min(1e-8)
-    return per.mean()
+    return per if per_prompt else per.mean()
 
 
 def predicted_delta(g: np.ndarray, u: np.ndarray, static: np.ndarray, pinned) -> np.ndarray:
@@ -212,17 +269,26 @@ def predicted_delta(g: np.ndarray, u: np.ndarray, static: np.ndarray, pinned) ->
 
 
 def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: bool = True, log_path=None,
-        subset: Optional[np.ndarray] = None, static: Optional[np.ndarray] = None) -> dict:
+        subset: Optional[np.ndarray] = None, static: Optional[np.ndarray] = None, dist=None) -> dict:
     """Ranking fit on the labels (all prompts, or the indices in ``subset``). With ``static`` (the mask
     the labels toggle around), ``cfg.holdout`` of the prompts are held out and the routers of the step
     (0 = the importance prior) with the lowest held-out ``predicted_delta`` are kept: training moves
-    away from the prior only where that helps on prompts it did not fit."""
+    away from the prior only where that helps on prompts it did not fit.
+
+    Data parallel: the batches and the held-out set are those of one process; each rank computes the
+    prompts of them it owns (``i % world == rank``), the loss is the global mean (``Dist.globalize``) and
+    the gradients are summed over ranks; rank 0 writes ``log_path``."""
+    from .distributed import current
+
+    dist = dist or current()
     params = list(fm.routers.parameters())
+    dev = params[0].device
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.rank_lr, weight_decay=cfg.weight_decay)
     free = torch.ones(fm.n_layers, dtype=torch.bool)
     free[list(pinned)] = False
+    free = free.to(dev)
     rng = np.random.default_rng(cfg.seed)
     pool = np.arange(len(labels)) if subset is None else np.asarray(subset)
     held = np.array([], dtype=np.int64)
@@ -233,14 +299,21 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
     n = len(pool)
     if n == 0:
         raise FirstEdgeError("no labelled prompts to fit the routers on")
-    hb = labels.batch(held) if len(held) else None
+    my_held = dist.mine(held)
+    hb = labels.batch(my_held, device=dev) if my_held else None
 
     def held_score() -> float:
-        with torch.no_grad():
-            g = pooled_scores(fm, hb["hidden"], hb["pmask"]).numpy()
-        return float(predicted_delta(g, hb["u"].numpy(), static, pinned).mean())
+        part = {}
+        if hb is not None:
+            with torch.no_grad():
+                g = pooled_scores(fm, hb["hidden"], hb["pmask"]).cpu().numpy()
+            part = dict(zip(my_held, predicted_delta(g, hb["u"].cpu().numpy(), static, pinned)))
+        return float(np.mean(list(dist.merge(part).values())))
 
-    best = (held_score(), 0, {k: v.detach().clone() for k, v in fm.routers.state_dict().items()}) if hb else None
+    def snapshot():
+        return {k: v.detach().clone() for k, v in fm.routers.state_dict().items()}
+
+    best = (held_score(), 0, snapshot()) if len(held) else None
     bar = None
     if progress:
         from tqdm import tqdm
@@ -254,20 +327,27 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
             order, pos = rng.permutation(n), 0
         idx = pool[order[pos:pos + cfg.batch_size]]
         pos += cfg.batch_size
-        b = labels.batch(idx)
-        g = pooled_scores(fm, b["hidden"], b["pmask"]).clamp(1e-6, 1 - 1e-6)
-        z = torch.log(g) - torch.log1p(-g)
-        loss = rank_loss(z, b["u"], free, cfg.rank_cap, cfg.rank_temperature)
+        mine = dist.mine(idx)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if mine:
+            b = labels.batch(mine, device=dev)
+            g = pooled_scores(fm, b["hidden"], b["pmask"]).clamp(1e-6, 1 - 1e-6)
+            z = torch.log(g) - torch.log1p(-g)
+            local = rank_loss(z, b["u"], free, cfg.rank_cap, cfg.rank_temperature, per_prompt=True).sum()
+        else:
+            local = torch.zeros((), device=dev)
+        loss = dist.globalize(local) / len(idx)
+        if loss.requires_grad:
+            loss.backward()
+        dist.reduce_grads(params)
         opt.step()
         last = {"step": step, "phase": "rank", "loss": float(loss.detach())}
-        if hb is not None and (step % cfg.eval_every == 0 or step == steps):
+        if best is not None and (step % cfg.eval_every == 0 or step == steps):
             h = held_score()
             last["held_out_delta_kl"] = h
             if h < best[0]:
-                best = (h, step, {k: v.detach().clone() for k, v in fm.routers.state_dict().items()})
-        if log_path is not None:
+                best = (h, step, snapshot())
+        if log_path is not None and dist.main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
         if bar is not None:
@@ -284,26 +364,30 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
 
 
 # ------------------------------------------------------------------ calibrate
-def calibrate(fm: FirstModel, prompts: List[List[int]], eos, n_new: int, bf16, ks=CALIB_KS, progress=True) -> dict:
+def calibrate(fm: FirstModel, prompts: List[List[int]], eos, n_new: int, bf16, ks=CALIB_KS, progress=True,
+              dist=None, work: Optional[FirstModel] = None) -> dict:
     """Thresholds at which the routers skip k layers on average over ``prompts`` (mean over prompts),
-    with the measured mean KL and top-1 agreement there, and budget mode's KL at the same k."""
-    scorer = Scorer(fm, bf16=None if bf16 else False)
+    with the measured mean KL and top-1 agreement there, and budget mode's KL at the same k.
+    Data parallel: each rank scores its share of the prompts; scores and KLs are gathered."""
+    from .distributed import current
+
+    dist = dist or current()
+    scorer = Scorer(fm, bf16=None if bf16 else False) if work is None else Scorer(fm, work=work)
     L = fm.n_layers
-    states = []
-    it = prompts
+    mine = dist.mine(range(len(prompts)))
+    it = mine
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(prompts, desc="calibrating thresholds", unit="prompt", file=sys.stderr, dynamic_ncols=True)
-    for ids in it:
-        states.append(scorer.prepare(ids, n_new, eos))
-    all_scores = np.stack([s.scores for s in states])  # [N, L]
+        it = tqdm(mine, desc="calibrating thresholds", unit="prompt", file=sys.stderr, dynamic_ncols=True)
+    states = {j: scorer.prepare(prompts[j], n_new, eos) for j in it}
+    all_scores = np.stack(list(dist.merge({j: s.scores for j, s in states.items()}).values()))  # [N, L]
 
     def mean_skipped(t):
         return float(np.mean([L - threshold_mask(g, t, fm.pinned).sum() for g in all_scores]))
 
     cands = np.unique(np.concatenate([all_scores.ravel(), [0.0, 1.0]]).astype(np.float32))
-    table = []
+    chosen = []
     for k in ks:
         if k > L - len(fm.pinned) - 1:
             continue
@@ -312,18 +396,18 @@ def calibrate(fm: FirstModel, prompts: List[List[int]], eos, n_new: int, bf16, k
         for t in cands:
             if mean_skipped(t) <= k + 1e-9:
                 best = float(t)
-        if best is None:
-            continue
-        kl, ag, kb = [], [], []
-        for s in states:
-            m = threshold_mask(s.scores, best, fm.pinned)
-            mb = budget_mask(s.scores, L - k, fm.pinned)
-            kk, aa = scorer.kl(s, np.stack([m, mb]))
-            kl.append(kk[0])
-            ag.append(aa[0])
-            kb.append(kk[1])
+        if best is not None:
+            chosen.append((k, best))
+    part = {}
+    for j, s in states.items():
+        rows = [m for k, t in chosen for m in (threshold_mask(s.scores, t, fm.pinned), budget_mask(s.scores, L - k, fm.pinned))]
+        part[j] = scorer.kl(s, np.stack(rows)) if rows else (np.zeros(0), np.zeros(0))
+    res = list(dist.merge(part).values())
+    table = []
+    for c, (k, best) in enumerate(chosen):
         table.append({"threshold": best, "target_skipped": k, "mean_skipped": mean_skipped(best),
-                      "kl": float(np.mean(kl)), "top1": float(np.mean(ag)), "budget_kl": float(np.mean(kb))})
+                      "kl": float(np.mean([r[0][2 * c] for r in res])), "top1": float(np.mean([r[1][2 * c] for r in res])),
+                      "budget_kl": float(np.mean([r[0][2 * c + 1] for r in res]))})
     return {"points": table, "prompts": len(prompts), "continuation_tokens": n_new}
 
 
@@ -340,6 +424,8 @@ def labels_key(cfg, fm: FirstModel, data_dir, tasks) -> str:
 
     keyed = {k: getattr(cfg, k) for k in ("per_task", "max_prompt_tokens", "max_completion_tokens", "seed", "bf16",
                                            "calib_per_task", "pin_nats", "label_k", "target_keep")}
+    if getattr(cfg, "dtype", None) == "fp16":
+        keyed["dtype"] = "fp16"
     keyed.update(data=str(Path(data_dir).resolve()), tasks=list(tasks), base=fm.identity(), pool_start=fm.pool_start,
                  format=LABELS_FORMAT)
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
@@ -347,13 +433,17 @@ def labels_key(cfg, fm: FirstModel, data_dir, tasks) -> str:
 
 def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, progress: bool = True,
                verbose: bool = True, fm: Optional[FirstModel] = None, tok=None) -> dict:
-    """The rank recipe end to end (module doc); returns the summary written into routers.json."""
+    """The rank recipe end to end (module doc); returns the summary written into routers.json.
+    Under torchrun every process runs it: measuring, fitting and calibrating are split over the
+    processes by prompt (``export.distributed``); rank 0 writes the run folder."""
     from dataclasses import asdict
 
+    from . import distributed
     from .data import Encoder, end_of_turn_id, load_split, mix_tasks, resolve_tasks
-    from .finetune import open_run
+    from .finetune import _cpu_seconds, distributed_record, open_run
     from .reference import eos_ids
 
+    dist = distributed.current()
     t_start = time.time()
     log = (lambda s: print(s, file=sys.stderr)) if verbose else (lambda s: None)
     out = Path(out)
@@ -371,6 +461,10 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
     if not encoded:
         raise FirstEdgeError(f"no usable training records in {data_dir}")
     key = labels_key(cfg, fm, data_dir, tasks)
+    dtype = getattr(cfg, "dtype", None)
+    if dtype not in distributed.DTYPES:
+        dtype = "bf16" if cfg.bf16 else "fp32"
+    work = distributed.working_copy(fm, dtype, dist.device)  # routers shared with fm, on the device
     # -- measure (cached)
     if labels.complete(key):
         labels.open()
@@ -380,12 +474,14 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
         if resume:
             raise FirstEdgeError(f"{labels.folder} was measured for other data or settings; start a new --out")
         fm.set_pinned([])
-        m = measure(fm, encoded, tasks, cfg, eos, progress=progress, log=log)
+        m = measure(fm, encoded, tasks, cfg, eos, progress=progress, log=log, dist=dist, scorer=Scorer(fm, work=work))
         meta = {"prior": m["prior"].tolist(), "pinned": m["pinned"], "order": [int(x) for x in m["order"]],
                 "label_k": m["label_k"], "static": [bool(x) for x in m["static"]], "measure_s": round(m["measure_s"], 1),
                 "calib_prompts": int(len(m["costs"])), "costs": np.round(m["costs"], 4).tolist(),
                 "calib_tasks": m["calib_tasks"], "pin_nats": cfg.pin_nats}
-        labels.write(key, meta, m["states"], m["u"], m["k0"], m["tasks"])
+        dist.barrier()  # no rank reads an old meta.json while rank 0 replaces it
+        labels.write(key, meta, m["states"], m["u"], m["k0"], m["tasks"], indices=m["indices"], L=fm.n_layers,
+                     D=fm.hidden_size, dist=dist)
         labels.open()
         meta = labels.meta
     measure_s = meta["measure_s"]
@@ -393,33 +489,35 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
     # -- init and fit
     init_from_importance(fm, meta["order"])
     log_path = out / "train_log.jsonl"
-    if log_path.exists():
+    if log_path.exists() and dist.main:
         log_path.unlink()
     t_fit = time.time()
     last = fit(fm, labels, cfg, meta["pinned"], cfg.rank_steps, progress=progress, log_path=log_path,
-               static=np.array(meta["static"], dtype=bool))
+               static=np.array(meta["static"], dtype=bool), dist=dist)
     fit_s = time.time() - t_fit
     # -- calibrate thresholds on a spread sample of the val split
     t_cal = time.time()
     val = load_split(data_dir, "val", tasks)
     vprompts = [encoder.prompt(r.prompt) for t in sorted(val)
                 for r in spread_sample(val[t], cfg.val_calib_per_task, seed=cfg.seed)]
-    calib = calibrate(fm, vprompts, eos, cfg.max_completion_tokens, cfg.bf16, progress=progress)
+    calib = calibrate(fm, vprompts, eos, cfg.max_completion_tokens, cfg.bf16, progress=progress, dist=dist, work=work)
     fm.threshold = choose_default(calib, meta["label_k"], fm.threshold)
     cal_s = time.time() - t_cal
-    import resource
-
-    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = dist.gather(round(_cpu_seconds(), 1))
     summary = {"recipe": "rank", "steps": cfg.rank_steps, "final": last, "measure_s": measure_s,
                "fit_s": round(fit_s, 1), "calibrate_s": round(cal_s, 1), "total_s": round(time.time() - t_start, 1),
-               "cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "threads": torch.get_num_threads(),
-               "examples": len(labels), "tasks": tasks, "data": str(data_dir), "config": asdict(cfg)}
+               "cpu_s": round(sum(cpu), 1), "cpu_s_per_rank": cpu, "threads": torch.get_num_threads(),
+               "examples": len(labels), "tasks": tasks, "data": str(data_dir), "config": asdict(cfg),
+               "distributed": distributed_record(dist, cfg, len(labels), cfg.batch_size)}
     extra = {"recipe": "rank", "lora": False, "model_dir": str(Path(model).resolve()) if model else None,
              "importance": {"kl_skip_one": [round(x, 5) for x in meta["prior"]], "order": meta["order"],
                             "prompts": meta["calib_prompts"], "label_k": meta["label_k"],
                             "static_mask_skips": [i for i, k in enumerate(meta["static"]) if not k]},
              "calibration": calib, "train": summary}
-    fm.save_routers(out, extra=extra)
+    fm.routers.to("cpu")
+    if dist.main:
+        fm.save_routers(out, extra=extra)
+    dist.barrier()
     pts = ", ".join(f"{p['threshold']:.4f}: {p['mean_skipped']:.1f} skipped, KL {p['kl']:.3f}" for p in calib["points"])
     log(f"[finetune] wrote {out}/routers.safetensors in {summary['total_s']:.0f} s (measure {measure_s:.0f} s, "
         f"fit {fit_s:.0f} s, calibrate {cal_s:.0f} s); default threshold {fm.threshold:.4f}; calibration: {pts}")
