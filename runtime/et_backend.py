@@ -185,6 +185,12 @@ class EtProgram:
         return (logits, out[o["router_scores"]].numpy().astype(np.float32, copy=True),
                 out[o["layer_mask"]].numpy().astype(bool, copy=True))
 
+    def load_extend(self) -> None:
+        """Load the extend method now (a chat session does, so its second turn does not pay for it)."""
+        if self.extend_m is None:
+            self.extend_m = self._checked(self._load(self._extend_name), "extend", self._extend_name)
+            self._ext_in, self._ext_out = index(self.io["extend"]["inputs"]), index(self.io["extend"]["outputs"])
+
     def extend(self, input_ids: np.ndarray, past_length: int):
         """A chat session's next turn: the new tokens through every layer after ``past_length`` tokens that every
         layer's buffer holds; their K/V are written at rows past_length.. (entries a decode left there are
@@ -196,9 +202,7 @@ class EtProgram:
             raise FirstEdgeError(f"cannot extend {S} cached tokens by {T} within the context of {self.max_context}")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise FirstEdgeError(f"token ids must be in 0..{self.vocab_size - 1}")
-        if self.extend_m is None:
-            self.extend_m = self._checked(self._load(self._extend_name), "extend", self._extend_name)
-            self._ext_in, self._ext_out = index(self.io["extend"]["inputs"]), index(self.io["extend"]["outputs"])
+        self.load_extend()
         args = [None] * len(self._ext_in)
         args[self._ext_in["input_ids"]] = th.from_numpy(ids)
         for l in range(self.n_layers):
@@ -278,6 +282,9 @@ class EtBackend:
 
     def prefill(self, input_ids: np.ndarray, threshold: float):
         return self.prog.prefill(input_ids, threshold)
+
+    def load_extend(self) -> None:
+        self.prog.load_extend()
 
     def extend(self, input_ids: np.ndarray, past_length: int):
         return self.prog.extend(input_ids, past_length)

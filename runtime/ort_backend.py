@@ -10,7 +10,8 @@ the per-token cost grows with the tokens so far, not with max_context.
 
 Decode shapes (manifest ``graphs.decode_shape``):
 Chat sessions (runtime/session.py) add ``extend.onnx``: a turn's new tokens through every layer after the
-tokens already cached, written in place into the same buffers (loaded on the first ``extend``).
+tokens already cached, written in place into the same buffers (loaded when a Session starts, or on the first
+``extend``).
 
   fused  one ``decode.onnx`` with an ``If`` per layer; one session call per token.
   split  ``embed.onnx``, ``layer_{l}.onnx``, ``head.onnx``; only the kept layers' sessions are called.
@@ -271,6 +272,12 @@ class OrtBackend:
         self.lengths[:] = T
         return res["logits"][0], res["router_scores"].astype(F32), res["layer_mask"].astype(bool)
 
+    def load_extend(self) -> None:
+        """Load the extend graph now (a chat session does, so its second turn does not pay for it)."""
+        if self.extend_sess is None:
+            self.extend_sess = self._session(self._extend_file, profile=False)
+            self._check(self.extend_sess, "extend", self._extend_file)
+
     def extend(self, input_ids: np.ndarray, past_length: int):
         """A chat session's next turn: the new tokens through every layer after ``past_length`` tokens that
         every layer's buffer holds; their K/V are written in place at past_length.. of every buffer (entries a
@@ -282,9 +289,7 @@ class OrtBackend:
             raise FirstEdgeError(f"cannot extend {S} cached tokens by {T} within the context of {self.max_context}")
         if ids.min() < 0 or ids.max() >= self.vocab:
             raise FirstEdgeError(f"token id out of range for a vocabulary of {self.vocab}")
-        if self.extend_sess is None:
-            self.extend_sess = self._session(self._extend_file, profile=False)
-            self._check(self.extend_sess, "extend", self._extend_file)
+        self.load_extend()
         b = self.extend_sess.io_binding()
         past = np.array([S], np.int32)
         probs = np.zeros((self.n_layers, T), F32)

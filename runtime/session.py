@@ -72,6 +72,8 @@ class Session:
         self.default_threshold = float(default_threshold)
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        if hasattr(backend, "load_extend"):  # the device backends load the extend graph lazily: load it now
+            backend.load_extend()
         self.reset()
 
     @classmethod
