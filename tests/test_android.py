@@ -25,6 +25,7 @@ APP = ROOT / "android_demo"
 MAIN = APP / "app" / "src" / "main"
 BUILD = APP / "build"
 N_NEW = 8
+SESSION_TURNS = [[5, 17, 23, 9], [41, 8, 30], [12, 60, 7, 77], [33]]
 # the app's classes that need android.* (compiled into the APK only, not for the host JVM)
 ANDROID_ONLY = {"MainActivity.java", "SettingsActivity.java", "SettingsStore.java", "LayerStripView.java"}
 JUNIT_CLASSES = ["StatsFormatTest", "ChatSettingsTest", "BundleManifestTest", "ByteLevelBpeTest", "TokenizerParityTest",
@@ -207,7 +208,7 @@ def bundle():
 @pytest.fixture(scope="module")
 def runner_cases(bundle, tmp_path_factory):
     """The Python runtime's greedy tokens for 10 prompts x (bundle default threshold, threshold 0.5, a budget of
-    3 layers, a random explicit mask), and two damaged copies of the bundle."""
+    3 layers, a random explicit mask), a 4-turn runtime.Session conversation, and two damaged bundle copies."""
     from runtime.backends import load_backend
     from runtime.bundle import Bundle
     from runtime.loop import SamplingConfig, generate
@@ -237,9 +238,20 @@ def runner_cases(bundle, tmp_path_factory):
             case["tokens"] = [int(t) for t in res.tokens]
             case["expect_mask"] = mask_str(res.mask)
             cases.append(case)
+    # a 4-turn conversation through runtime.Session (the Python runtime's chat sessions) on a fresh backend
+    from runtime.session import Session
+
+    sess = Session.from_bundle(b, load_backend(b, threads=1))
+    turns = []
+    for user, opt in zip(SESSION_TURNS, ({"keep": 3}, {"threshold": 0.5}, {"keep": 2}, {})):
+        r = sess.chat(user, SamplingConfig(max_new_tokens=N_NEW), **opt)
+        st = r.stats()
+        turns.append({"user": user, "options": opt, "reply": [int(t) for t in r.reply_ids],
+                      "tokens": [int(t) for t in r.result.tokens], "expect_mask": mask_str(r.result.mask),
+                      **{k: int(st[k]) for k in ("turn", "reused_tokens", "prefilled_tokens", "history_tokens")}})
     d = tmp_path_factory.mktemp("android_cases")
     spec = d / "runner_cases.json"
-    spec.write_text(json.dumps({"bundle": str(bundle), "n_layers": L, "cases": cases}))
+    spec.write_text(json.dumps({"bundle": str(bundle), "n_layers": L, "cases": cases, "session": turns}))
     bad = d / "bad_bundle"  # model.pte altered after the manifest was written
     shutil.copytree(bundle, bad)
     pte = bytearray((bad / "model.pte").read_bytes())
@@ -308,10 +320,12 @@ def test_junit_tokenizer_equals_hf_tokenizers(android, junit_classes, tokenizer_
 
 def test_junit_jni_bridge_end_to_end(android, junit_classes, jni_lib, runner_cases):
     """libfirst_edge_jni.so on the tiny bundle: streamed tokens equal the Python runtime's for the same mask
-    (routers, threshold, budget, explicit mask), false from the callback stops, bad bundles and options raise."""
+    (routers, threshold, budget, explicit mask); a chat session's turns equal runtime.Session's; false from the
+    callback stops (a stopped turn leaves the session as it was); bad bundles and options raise."""
     r = junit(android, junit_classes, "NativeRunnerTest", runner_cases, libdir=jni_lib)
     assert r.returncode == 0 and "OK (" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
     assert "native runner: 40 cases equal the Python runtime" in r.stdout
+    assert "chat session: 4 turns equal runtime.Session" in r.stdout
 
 
 def test_every_junit_class_is_run():

@@ -25,8 +25,9 @@ import java.util.concurrent.Executors;
 
 /**
  * The chat screen: messages, an input and a send/stop button. The bundle is loaded and every reply is
- * generated on one worker thread; tokens reach the UI through the main thread's Handler. Each turn is a
- * fresh prompt until the runner's chat session API exists.
+ * generated on one worker thread; tokens reach the UI through the main thread's Handler. Each message is a
+ * turn of one conversation (the runner's chat session) when the bundle supports it, else a fresh prompt;
+ * "Clear chat" starts a new conversation.
  */
 public class MainActivity extends Activity {
     static final class Message {
@@ -108,7 +109,9 @@ public class MainActivity extends Activity {
                 try {
                     engine = ChatEngine.open(dir, threads);
                     BundleManifest m = engine.manifest;
-                    text = getString(R.string.loaded, m.name, m.nLayers, m.quantization, m.maxContext);
+                    text = getString(R.string.loaded, m.name, m.nLayers, m.quantization, m.maxContext)
+                            + "\n" + (engine.multiTurn() ? getString(R.string.multi_turn)
+                            : getString(R.string.single_turn, engine.sessionUnavailable));
                     ok = true;
                 } catch (FirstEdgeException e) {
                     text = getString(R.string.load_failed, e.getMessage());
@@ -155,7 +158,7 @@ public class MainActivity extends Activity {
                 try {
                     if (engine == null) throw new FirstEdgeException("no bundle is loaded");
                     s.validate(engine.manifest.nLayers);
-                    g = engine.reply(text, s.toOptions(), new ChatEngine.Listener() {
+                    g = engine.reply(text, s.toOptions(), true, new ChatEngine.Listener() {
                         @Override
                         public boolean onText(final String soFar) {
                             ui.post(new Runnable() {
@@ -220,6 +223,12 @@ public class MainActivity extends Activity {
         if (item.getItemId() == 2 && !generating) {
             messages.clear();
             adapter.notifyDataSetChanged();
+            worker.submit(new Runnable() {
+                @Override
+                public void run() {
+                    if (engine != null) engine.resetConversation();
+                }
+            });
             return true;
         }
         return super.onOptionsItemSelected(item);

@@ -38,6 +38,11 @@ public final class NativeRunner implements Closeable {
         return new NativeRunner(nativeCreate(bundleDir, threads));
     }
 
+    /** The native pointer (0 once closed), for {@link ChatSession}. */
+    synchronized long handle() {
+        return handle;
+    }
+
     public int layers() {
         return nLayers;
     }

@@ -7,9 +7,17 @@ public final class StatsFormat {
     private StatsFormat() {
     }
 
-    /** "prefill 123 ms · 45.6 tok/s · 24/30 layers · skipped 5,9,12" (or "... · stopped"). */
+    /**
+     * "prefill 123 ms · 45.6 tok/s · 20 tokens · 24/30 layers · skipped 5,9,12" (or "... · stopped"); a chat
+     * turn starts with "turn 2 · reused 57 tok · ".
+     */
     public static String line(Generation g) {
         StringBuilder sb = new StringBuilder();
+        if (g instanceof ChatTurn) {
+            ChatTurn t = (ChatTurn) g;
+            sb.append("turn ").append(t.turn).append(" \u00b7 reused ").append(t.reusedTokens).append(" tok \u00b7 ");
+            if (t.droppedTurns > 0) sb.append("dropped ").append(t.droppedTurns).append(" old turn(s) \u00b7 ");
+        }
         sb.append(String.format(Locale.US, "prefill %.0f ms", g.prefillMs));
         sb.append(String.format(Locale.US, " \u00b7 %.1f tok/s", g.decodeTokensPerSecond()));
         sb.append(" \u00b7 ").append(g.tokens.length).append(g.tokens.length == 1 ? " token" : " tokens");

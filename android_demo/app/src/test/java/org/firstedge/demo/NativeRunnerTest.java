@@ -143,6 +143,72 @@ public class NativeRunnerTest {
         assertArrayEquals(ints(c.getJSONArray("tokens")), again.array());
     }
 
+    static GenerateOptions turnOptions(JSONObject t) throws Exception {
+        GenerateOptions o = new GenerateOptions();
+        o.maxNewTokens = 8;
+        JSONObject opt = t.getJSONObject("options");
+        if (opt.has("keep")) o.keep = opt.getInt("keep");
+        if (opt.has("threshold")) o.threshold = (float) opt.getDouble("threshold");
+        return o;
+    }
+
+    static void assertTurn(JSONObject t, ChatTurn got, int[] streamed) throws Exception {
+        String what = "turn " + t.getInt("turn");
+        assertArrayEquals(what, ints(t.getJSONArray("tokens")), streamed);
+        assertArrayEquals(what, ints(t.getJSONArray("tokens")), got.tokens);
+        assertArrayEquals(what, ints(t.getJSONArray("reply")), got.reply);
+        assertEquals(what, t.getString("expect_mask"), StatsFormat.maskString(got.mask));
+        assertEquals(what, t.getInt("turn"), got.turn);
+        assertEquals(what, t.getInt("reused_tokens"), got.reusedTokens);
+        assertEquals(what, t.getInt("prefilled_tokens"), got.prefilledTokens);
+        assertEquals(what, t.getInt("history_tokens"), got.historyTokens);
+        assertFalse(got.stopped);
+    }
+
+    @Test
+    public void chatSessionTurnsEqualThePythonSession() throws Exception {
+        JSONArray turns = spec.getJSONArray("session");
+        ChatSession s = ChatSession.create(runner);
+        try {
+            for (int i = 0; i < turns.length(); i++) {
+                JSONObject t = turns.getJSONObject(i);
+                if (i == 1) {  // stop turn 2 after two tokens: not kept, the session is as it was
+                    Collect stop = new Collect(2);
+                    ChatTurn st = s.chat(ints(t.getJSONArray("user")), turnOptions(t), false, stop);
+                    assertTrue(st.stopped);
+                    assertEquals(2, st.tokens.length);
+                    assertEquals(1, s.turns());
+                }
+                Collect cb = new Collect(0);
+                ChatTurn got = s.chat(ints(t.getJSONArray("user")), turnOptions(t), false, cb);
+                assertTurn(t, got, cb.array());
+                assertEquals(i + 1, s.turns());
+            }
+            assertTrue(turns.getJSONObject(3).getInt("reused_tokens") > 0);
+            s.reset();
+            assertEquals(0, s.turns());
+            JSONObject first = turns.getJSONObject(0);
+            Collect cb = new Collect(0);
+            assertTurn(first, s.chat(ints(first.getJSONArray("user")), turnOptions(first), false, cb), cb.array());
+            try {
+                s.chat(new int[0], new GenerateOptions(), false, null);
+                fail();
+            } catch (FirstEdgeException e) {
+                assertTrue(e.getMessage(), e.getMessage().contains("empty"));
+            }
+        } finally {
+            s.close();
+        }
+        s.close();
+        try {
+            s.chat(new int[]{5}, new GenerateOptions(), false, null);
+            fail();
+        } catch (FirstEdgeException e) {
+            assertTrue(e.getMessage().contains("closed"));
+        }
+        System.out.println("chat session: " + turns.length() + " turns equal runtime.Session");
+    }
+
     @Test
     public void nullCallbackStillGenerates() throws Exception {
         JSONObject c = spec.getJSONArray("cases").getJSONObject(1);

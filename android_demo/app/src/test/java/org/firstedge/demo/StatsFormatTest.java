@@ -35,6 +35,21 @@ public class StatsFormatTest {
     }
 
     @Test
+    public void chatTurnShowsTheConversation() {
+        ChatTurn t = new ChatTurn();
+        t.mask = new boolean[]{true, false};
+        t.tokens = new int[3];
+        t.prefillMs = 7;
+        t.decodeSeconds = 1;
+        t.turn = 3;
+        t.reusedTokens = 57;
+        assertEquals("turn 3 \u00b7 reused 57 tok \u00b7 prefill 7 ms \u00b7 2.0 tok/s \u00b7 3 tokens \u00b7 1/2 layers \u00b7 skipped 1",
+                StatsFormat.line(t));
+        t.droppedTurns = 1;
+        assertTrue(StatsFormat.line(t).startsWith("turn 3 \u00b7 reused 57 tok \u00b7 dropped 1 old turn(s) \u00b7 prefill"));
+    }
+
+    @Test
     public void stripHasOneCellPerLayer() {
         boolean[] m = new boolean[30];
         for (int i = 0; i < 30; i++) m[i] = i % 3 != 0;
