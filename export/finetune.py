@@ -19,6 +19,12 @@ run only the completion tokens, which attend to the cached prompt K/V at every l
 the generator's decode. Output: ``routers.safetensors`` + ``routers.json`` (config, base-model
 identity, training summary) and, with --lora, ``lora/`` in peft format; ``train_log.jsonl``;
 ``checkpoint.pt`` for --resume.
+
+Data parallel (``export.distributed``, docs/scale-out.md): under ``torchrun --nproc_per_node N -m
+export.finetune ...`` or ``accelerate launch -m export.finetune ...`` every process runs this command;
+record i is cached (or measured) by rank i % N, each step's global batch is the single-process batch,
+losses are formed from sums over the ranks and gradients summed with ``all_reduce``; rank 0 writes the
+run folder. ``--device cpu|cuda`` and ``--dtype bf16|fp16|fp32`` place the frozen model.
 """
 from __future__ import annotations
 
@@ -121,6 +127,15 @@ def autocast(cfg: TrainConfig, device: str = "cpu"):
 
 
 # ------------------------------------------------------------------ prompt cache
+def _remove_stale_parts(folder: Path, parts: List[str]):
+    """Remove ``part-*`` folders of an earlier build (another world size, another key) not in ``parts``."""
+    import shutil
+
+    for p in folder.glob("part-*"):
+        if p.is_dir() and p.name not in parts:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 class PromptCache:
     """Per example: prompt hidden states entering each layer and the prompt K/V of each layer
     ([Tp, L, D + 2*kv*hd] in the working precision, bf16 as int16 bits, in a memory-mapped file), the
@@ -241,6 +256,7 @@ class PromptCache:
             tmp = self.folder / "meta.json.tmp"
             tmp.write_text(json.dumps(meta))
             os.replace(tmp, self.folder / "meta.json")
+            _remove_stale_parts(self.folder, parts)
         dist.barrier()
         return self.open()
 
@@ -361,7 +377,8 @@ def loss_from_sums(s: torch.Tensor, cfg: TrainConfig, n_layers: int):
     total = cfg.ce * ce + cfg.kd * kd + lat
     sd = s.detach()
     rows = float(sd[4].clamp_min(1))
-    return total, {"loss": total.item(), "ce": ce.item(), "kd": kd.item(), "lat": float(lat),
+    lat_v = float(torch.as_tensor(lat).detach())
+    return total, {"loss": total.item(), "ce": ce.item(), "kd": kd.item(), "lat": lat_v,
                    "gate": float(keep.detach()), "skipped": round(n_layers - float(sd[3]) / rows, 3),
                    "skipped_at_tau": round(n_layers - float(sd[5]) / rows, 3)}
 
@@ -494,7 +511,8 @@ class E2ERun:
     out: Path
     cfg: TrainConfig
     fm: FirstModel                   # fp32 on the CPU; its routers are the ones trained and saved
-    work: FirstModel                 # what the steps run: a copy in the working dtype on the device sharing fm's routers, or fm
+    work: FirstModel                 # what the steps run: fm, or a copy in the working dtype on the device
+                                     # sharing fm's routers
     key: str                         # data and settings the prompt cache and the checkpoint belong to
     tasks: List[str]
     dist: Dist = field(default_factory=Dist)
@@ -548,7 +566,9 @@ def cache_prompts(run: E2ERun, encoded, progress: bool, verbose: bool) -> float:
                   file=sys.stderr)
     else:
         if verbose:
-            share = f", {len(run.dist.mine(range(len(encoded))))} on each of {run.dist.world} ranks" if run.dist.active else ""
+            share = ""
+            if run.dist.active:
+                share = f", {len(run.dist.mine(range(len(encoded))))} on each of {run.dist.world} ranks"
             print(f"[finetune] {len(encoded)} examples from {', '.join(run.tasks)}; caching prompt states once{share}",
                   file=sys.stderr)
         run.dist.barrier()  # no rank reads an old meta.json while rank 0 replaces it
@@ -585,9 +605,8 @@ def init_optimizer(run: E2ERun, resume: bool, verbose: bool) -> int:
         start = int(state["step"]) + 1
         if verbose:
             was = state.get("world_size", 1)
-            print(f"[finetune] resuming {run.out} at step {start}"
-                  f"{f' (checkpoint written by {was} processes, now {run.dist.world})' if was != run.dist.world else ''}",
-                  file=sys.stderr)
+            note = f" (checkpoint written by {was} processes, now {run.dist.world})" if was != run.dist.world else ""
+            print(f"[finetune] resuming {run.out} at step {start}{note}", file=sys.stderr)
     if run.dist.main:
         if not resume and run.log_path.exists():
             run.log_path.unlink()

@@ -122,6 +122,9 @@ class LabelSet:
             tmp = self.folder / "meta.json.tmp"
             tmp.write_text(json.dumps(meta, indent=1))
             os.replace(tmp, self.folder / "meta.json")
+            from .finetune import _remove_stale_parts
+
+            _remove_stale_parts(self.folder, parts)
         dist.barrier()
 
     def open(self):
@@ -140,7 +143,10 @@ class LabelSet:
         if part not in self._arrs:
             L, D = self.meta["L"], self.meta["D"]
             f = self.folder / part / "hidden.bin"
-            tokens = json.loads((self.folder / part / "tokens.json").read_text())["tokens"] if part else self.meta["tokens"]
+            if part:
+                tokens = json.loads((self.folder / part / "tokens.json").read_text())["tokens"]
+            else:
+                tokens = self.meta["tokens"]
             self._arrs[part] = np.memmap(f, dtype=np.int16, mode="r", shape=(tokens, L, D))
         return self._arrs[part]
 
@@ -400,13 +406,15 @@ def calibrate(fm: FirstModel, prompts: List[List[int]], eos, n_new: int, bf16, k
             chosen.append((k, best))
     part = {}
     for j, s in states.items():
-        rows = [m for k, t in chosen for m in (threshold_mask(s.scores, t, fm.pinned), budget_mask(s.scores, L - k, fm.pinned))]
+        rows = [m for k, t in chosen
+                for m in (threshold_mask(s.scores, t, fm.pinned), budget_mask(s.scores, L - k, fm.pinned))]
         part[j] = scorer.kl(s, np.stack(rows)) if rows else (np.zeros(0), np.zeros(0))
     res = list(dist.merge(part).values())
     table = []
     for c, (k, best) in enumerate(chosen):
         table.append({"threshold": best, "target_skipped": k, "mean_skipped": mean_skipped(best),
-                      "kl": float(np.mean([r[0][2 * c] for r in res])), "top1": float(np.mean([r[1][2 * c] for r in res])),
+                      "kl": float(np.mean([r[0][2 * c] for r in res])),
+                      "top1": float(np.mean([r[1][2 * c] for r in res])),
                       "budget_kl": float(np.mean([r[0][2 * c + 1] for r in res]))})
     return {"points": table, "prompts": len(prompts), "continuation_tokens": n_new}
 
