@@ -91,5 +91,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const bool verbose = std::getenv("FIRST_EDGE_FUZZ_VERBOSE") != nullptr;
   if (verbose) std::fprintf(stderr, "load_bundle_info: %s\n", s.ok ? "ok" : s.message.c_str());
   if (s.ok && (info.n_layers <= 0 || info.pte_file.empty())) std::abort();  // accepted a broken bundle
+  if (s.ok) {  // accepted chat ids are token ids of the vocabulary; the extend graph is declared
+    for (const auto* v : {&info.chat_ids.prefix, &info.chat_ids.suffix, &info.chat_ids.turn_prefix})
+      for (int64_t t : *v)
+        if (t < 0 || t >= info.vocab_size) std::abort();
+    if (!info.io.count("extend") || info.extend_method.empty()) std::abort();
+  }
   return 0;
 }
