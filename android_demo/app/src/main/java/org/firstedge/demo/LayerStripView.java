@@ -24,7 +24,8 @@ public class LayerStripView extends View {
 
     public void setMask(boolean[] mask) {
         this.mask = mask == null ? new boolean[0] : mask.clone();
-        setContentDescription(mask == null ? "" : "layers run: " + StatsFormat.strip(this.mask));
+        setContentDescription(mask == null ? "" : "layers run: " + StatsFormat.maskString(this.mask));
+        requestLayout();  // the height depends on whether there is a mask
         invalidate();
     }
 
