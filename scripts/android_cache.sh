@@ -16,7 +16,8 @@
 # the tool paths (sourced by build_apk.sh; the test reads the same layout).
 #
 # Environment: FIRST_EDGE_ANDROID_CACHE, FIRST_EDGE_DEBIAN_MIRROR (default deb.debian.org),
-# FIRST_EDGE_ANDROID_DEBS (folder of fallback .debs, default ../shared/android beside the repository).
+# FIRST_EDGE_ANDROID_DEBS (folder of fallback .debs, default ../shared/android beside the repository),
+# FIRST_EDGE_ANDROID_OLD_SUITE (default bullseye; a suite the mirror lacks exercises the fallback).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,6 +29,7 @@ PKGS="aapt android-libaapt android-libandroidfw android-libbacktrace android-lib
 android-liblog android-libutils android-libziparchive zipalign libzopfli1 libprotobuf-lite32 p7zip-full
 apksigner libapksig-java junit4 libhamcrest-java libandroid-json-java"
 OLD_PKGS="libandroid-23-java dalvik-exchange"
+OLD_SUITE="${FIRST_EDGE_ANDROID_OLD_SUITE:-bullseye}"
 
 die() { echo "error: $*" >&2; exit 2; }
 log() { echo "[android_cache] $*" >&2; }
@@ -42,8 +44,23 @@ mkdir -p "$CACHE"
 t0=$(now)
 
 apt_private_init amd64 amd64
-apt_private_update "deb [signed-by=$KEYRING] $MIRROR bookworm main
-deb [signed-by=$KEYRING] $MIRROR bullseye main"
+NEW_SRC="deb [signed-by=$KEYRING] $MIRROR bookworm main"
+OLD_SRC="deb [signed-by=$KEYRING] $MIRROR $OLD_SUITE main"
+if ! stamp_ok apt "$NEW_SRC
+$OLD_SRC" && ! stamp_ok apt "$NEW_SRC"; then
+  t=$(now); log "apt-get update (private configuration)"
+  printf '%s\n' "$NEW_SRC" "$OLD_SRC" > "$CACHE/apt/sources.list"
+  if apt-get -q "${APT_OPTS[@]}" update >&2; then
+    stamp_set apt "$NEW_SRC
+$OLD_SRC"
+  else  # the old suite is gone from the mirror: bookworm alone, the old packages from the fallback copies
+    log "apt-get update with $OLD_SUITE failed: bookworm only"
+    printf '%s\n' "$NEW_SRC" > "$CACHE/apt/sources.list"
+    apt-get -q "${APT_OPTS[@]}" update >&2 || die "apt-get update failed (no Debian mirror at $MIRROR?)"
+    stamp_set apt "$NEW_SRC"
+  fi
+  rm -f "$CACHE"/.stamp-debs "$CACHE"/.stamp-olddebs; log "  done in $(since "$t") s"
+fi
 
 # the bullseye packages: from the mirror, else the checksummed fallback copies
 if ! stamp_ok olddebs "$OLD_PKGS" || ! ls "$CACHE"/apt/olddebs/*.deb >/dev/null 2>&1; then
