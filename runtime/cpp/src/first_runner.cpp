@@ -336,12 +336,8 @@ Status Runner::extend(const std::vector<int64_t>& ids_in, int64_t past_length, s
     if (t < 0 || t >= info.vocab_size)
       return Status::Error("token id " + std::to_string(t) + " is outside the vocabulary (0.." +
                            std::to_string(info.vocab_size - 1) + ")");
-  if (!impl.extend_loaded) {  // first use: XNNPACK packs this method's own copy of the weights now
-    auto err = impl.module->load_method(info.extend_method);
-    if (err != executorch::runtime::Error::Ok)
-      return Status::Error("ExecuTorch cannot load method '" + info.extend_method + "' (" + et_error(err) + ")");
-    impl.extend_loaded = true;
-  }
+  Status s = load_extend();  // first use: XNNPACK packs this method's own copy of the weights now
+  if (!s) return s;
   const int nkv = info.n_kv_heads, hd = info.head_dim, L = info.n_layers;
   const size_t row = (size_t)nkv * hd;
   std::vector<int64_t> ids(ids_in);
@@ -378,6 +374,18 @@ Status Runner::extend(const std::vector<int64_t>& ids_in, int64_t past_length, s
     impl.len[l] = (int)(S + T);
   }
   std::fill(impl.layer_calls.begin(), impl.layer_calls.end(), 0);
+  return Status::Ok();
+}
+
+Status Runner::load_extend() {
+  Impl& impl = *impl_;
+  InUse in_use(impl);
+  if (!in_use.ok()) return InUse::error();
+  if (impl.extend_loaded) return Status::Ok();
+  auto err = impl.module->load_method(info_.extend_method);
+  if (err != executorch::runtime::Error::Ok)
+    return Status::Error("ExecuTorch cannot load method '" + info_.extend_method + "' (" + et_error(err) + ")");
+  impl.extend_loaded = true;
   return Status::Ok();
 }
 

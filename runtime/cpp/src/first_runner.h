@@ -120,6 +120,9 @@ class Runner {
   // [L, T], unpooled). The extend method is loaded on first use (XNNPACK packs its own copy of the weights).
   Status extend(const std::vector<int64_t>& ids, int64_t past_length, std::vector<float>* logits,
                 std::vector<float>* router_probs);
+  // Loads the extend method now (else on the first extend, which then takes longer: ~1.4 s for SmolLM2-135M
+  // fp32 on 2 cores), e.g. while an app waits for the user's first message.
+  Status load_extend();
   const std::vector<int64_t>& layer_calls() const;
   // Read-only view of layer l's K and V buffers ([max_context, n_kv, head_dim] each, sequence-major) and the
   // entries it holds (for tests and debugging: a session's cache against a fresh prefill).

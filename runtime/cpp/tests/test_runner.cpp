@@ -280,6 +280,7 @@ static void session_tests(const std::string& good, const std::string& tmp) {
   const int L = info.n_layers, V = info.vocab_size, C = info.max_context;
   const ChatIds& ids = info.chat_ids;
   CHECK(ids.has_prefix && ids.has_suffix && ids.has_turn_prefix && !ids.turn_prefix.empty());
+  CHECK(r->load_extend().ok && r->load_extend().ok);  // once, then a no-op
   std::unique_ptr<Session> sess;
   Status s = Session::create(r.get(), &sess);
   CHECK(s.ok);
