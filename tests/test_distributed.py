@@ -4,9 +4,11 @@ tiny random Llama models.
 - 2 processes with the same global batch give the routers 1 process gives, step for step
   (tolerance ``TOL`` on every router weight and logged loss: the processes sum their gradients in
   another order than one process does, nothing else differs), for the e2e recipe with a LoRA phase
-  (after it: routers within ``E2E_TOL``, LoRA weights within ``LORA_TOL``) and the rank recipe, and ``export.evaluate`` gives the same results;
+  (after it: routers within ``E2E_TOL``, LoRA weights within ``LORA_TOL``) and the rank recipe, and
+  ``export.evaluate`` gives the same results;
 - a 2-process run killed with SIGKILL mid-training resumes with 1 process from its last checkpoint;
-- on a machine with CUDA, a short run on the GPU matches the CPU run's first losses (skipped without).
+- on a machine with CUDA, a short run of the default model on the GPU matches the CPU run's first losses
+  (skipped without CUDA).
 """
 import json
 import os
@@ -237,17 +239,30 @@ def test_device_and_dtype_errors_are_one_line(tmp_path, capsys):
         assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_run_matches_the_cpu_run(setup, tmp_path):
-    """The e2e recipe on the GPU in fp32 follows the CPU run's losses (TF32 off); in bf16 it runs and its
-    first loss is within 0.05 of the CPU's (bf16 rounding of the frozen model)."""
+def test_cuda_run_of_the_default_model_matches_the_cpu_run(data_dir, tmp_path):
+    """A short e2e run of the default model (SmolLM2-135M) on the GPU follows the CPU run's first losses:
+    fp32 (TF32 off) within 1e-3, bf16 (the CUDA default) within 0.1 (bf16 rounding of 30 frozen layers;
+    losses are about 4). Not run in this project so far: no machine here had a GPU."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    base, one = setup["base"], setup["one"]
-    in_process(ft.main, base + E2E + ["--out", tmp_path / "gpu32", "--device", "cuda", "--dtype", "fp32"])
-    cpu, gpu = log_of(one), log_of(tmp_path / "gpu32")
-    for a, b in zip(cpu[:4], gpu[:4]):
-        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a, b)
-    assert json.loads((tmp_path / "gpu32" / "routers.json").read_text())["train"]["distributed"]["device"] == "cuda:0"
-    in_process(ft.main, base + E2E + ["--out", tmp_path / "gpu16", "--device", "cuda", "--dtype", "bf16"])
-    assert abs(log_of(tmp_path / "gpu16")[0]["loss"] - cpu[0]["loss"]) <= 0.05
+    data = tmp_path / "data"
+    for t in ("arithmetic", "translate"):
+        (data / t).mkdir(parents=True)
+        for split in ("train", "val"):
+            lines = (data_dir / t / f"{split}.jsonl").read_text().splitlines()[:4]
+            (data / t / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["--data", data, "--preset", "tiny", "--recipe", "e2e", "--soft-steps", 2, "--hard-steps", 2,
+            "--batch-size", 4, "--save-every", 2, "--no-progress"]
+    logs = {}
+    runs = (("cpu", ["--device", "cpu", "--dtype", "fp32"]), ("gpu32", ["--device", "cuda", "--dtype", "fp32"]),
+            ("gpu16", ["--device", "cuda"]))
+    for name, extra in runs:
+        in_process(ft.main, args + extra + ["--out", tmp_path / name])
+        logs[name] = log_of(tmp_path / name)
+    for a, b in zip(logs["cpu"], logs["gpu32"]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-3, (a, b)
+    assert abs(logs["cpu"][0]["loss"] - logs["gpu16"][0]["loss"]) <= 0.1
+    rj = json.loads((tmp_path / "gpu16" / "routers.json").read_text())["train"]["distributed"]
+    assert rj["device"] == "cuda:0" and rj["dtype"] == "bf16"
