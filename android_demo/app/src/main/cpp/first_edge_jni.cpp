@@ -242,6 +242,8 @@ JNIEXPORT jlong JNICALL Java_org_firstedge_demo_ChatSession_nativeCreate(JNIEnv*
   }
   std::unique_ptr<first_edge::Session> session;
   first_edge::Status s = first_edge::Session::create(runner, &session);
+  // load the extend method now (while the app shows "Loading"), not in the second turn
+  if (s) s = runner->load_extend();
   if (!s) {
     throw_java(env, s.message);
     return 0;
