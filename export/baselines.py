@@ -28,11 +28,12 @@ def _check(L: int, k: int):
 @torch.no_grad()
 def block_influence(fm, prompts: Iterable[Sequence[int]]) -> np.ndarray:
     """BI per layer [L] over the tokens of the given prompts (token id lists), full model."""
-    tot = torch.zeros(fm.n_layers, dtype=torch.float64)
+    dev = fm.inv_freq.device  # the model's device
+    tot = torch.zeros(fm.n_layers, dtype=torch.float64, device=dev)
     n = 0
     for ids in prompts:
-        x = torch.tensor([list(ids)], dtype=torch.int64)
-        pos = torch.arange(x.shape[1], dtype=torch.int64).unsqueeze(0)
+        x = torch.tensor([list(ids)], dtype=torch.int64, device=dev)
+        pos = torch.arange(x.shape[1], dtype=torch.int64, device=dev).unsqueeze(0)
         cos, sin = fm.rope(pos)
         h = fm.embed(x)
         for l in range(fm.n_layers):
@@ -42,7 +43,7 @@ def block_influence(fm, prompts: Iterable[Sequence[int]]) -> np.ndarray:
         n += x.shape[1]
     if n == 0:
         raise FirstEdgeError("Block Influence needs at least one calibration prompt")
-    return (1.0 - tot / n).numpy()
+    return (1.0 - tot / n).cpu().numpy()
 
 
 def bi_mask(bi: Sequence[float], k: int) -> np.ndarray:

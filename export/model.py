@@ -215,7 +215,7 @@ class FirstModel(nn.Module):
         """
         T = input_ids.shape[1]
         s0 = min(self._pool_start(), T - 1)
-        pos = torch.arange(T, dtype=torch.int64).unsqueeze(0)
+        pos = torch.arange(T, dtype=torch.int64, device=input_ids.device).unsqueeze(0)
         cos, sin = self.rope(pos)
         h = self.embed(input_ids)
         scores, ks, vs = [], [], []
@@ -249,7 +249,7 @@ class FirstModel(nn.Module):
         With hard 0/1 gates this equals the KV-cache generator exactly.
         """
         B, S = input_ids.shape
-        pos = torch.arange(S, dtype=torch.int64).unsqueeze(0).expand(B, S)
+        pos = torch.arange(S, dtype=torch.int64, device=input_ids.device).unsqueeze(0).expand(B, S)
         cos, sin = self.rope(pos)
         h = self.embed(input_ids)
         pm = prompt_mask.to(h.dtype)

@@ -41,8 +41,9 @@ class TorchBackend:
         mpe = getattr(fm.cfg, "max_position_embeddings", 2048) or 2048
         self.max_context = int(max_context or min(mpe, 2048))
         shape = (1, fm.n_kv_heads, self.max_context, fm.head_dim)
-        self.k = [torch.zeros(shape) for _ in range(self.n_layers)]
-        self.v = [torch.zeros(shape) for _ in range(self.n_layers)]
+        self.device = fm.inv_freq.device  # the model's device (CPU here; CUDA for a GPU evaluation)
+        self.k = [torch.zeros(shape, device=self.device) for _ in range(self.n_layers)]
+        self.v = [torch.zeros(shape, device=self.device) for _ in range(self.n_layers)]
         self.lengths = [0] * self.n_layers
         self.layer_calls = Counter()  # decode-time layer executions, for tests and stats
         self._mask_key = None
@@ -50,7 +51,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def prefill(self, input_ids: np.ndarray, threshold: float):
-        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64)).view(1, -1)
+        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64)).view(1, -1).to(self.device)
         T = ids.shape[1]
         logits, g, mask, ks, vs = self.fm.prefill(ids, threshold)
         for l in range(self.n_layers):
@@ -58,17 +59,17 @@ class TorchBackend:
             self.v[l][:, :, :T] = vs[l]
             self.lengths[l] = T
         self.layer_calls.clear()
-        return logits[0].numpy(), g.numpy(), mask.numpy()
+        return logits[0].cpu().numpy(), g.cpu().numpy(), mask.cpu().numpy()
 
     @torch.inference_mode()
     def extend(self, input_ids: np.ndarray, past_length: int):
         """A session's next turn: T new tokens at positions past_length.. through every layer, written into
         every layer's buffer at past_length (what any layer held there is overwritten); returns the last
         position's logits [V] and the new tokens' router probabilities [L, T]."""
-        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64)).view(1, -1)
+        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64)).view(1, -1).to(self.device)
         T, S = ids.shape[1], int(past_length)
         fm = self.fm
-        cos, sin = fm.rope(torch.arange(S, S + T, dtype=torch.int64).view(1, -1))
+        cos, sin = fm.rope(torch.arange(S, S + T, dtype=torch.int64, device=self.device).view(1, -1))
         h = fm.embed(ids)
         probs = []
         for l in range(self.n_layers):
@@ -76,7 +77,7 @@ class TorchBackend:
             h, _, _ = fm.layer(l, h, cos, sin, cache=(self.k[l], self.v[l], S))
             self.lengths[l] = S + T
         self.layer_calls.clear()
-        return fm.head(h[:, -1:])[0, 0].numpy(), torch.stack(probs).numpy()
+        return fm.head(h[:, -1:])[0, 0].cpu().numpy(), torch.stack(probs).cpu().numpy()
 
     @torch.inference_mode()
     def decode(self, token: int, position: int, mask: np.ndarray) -> np.ndarray:
@@ -84,14 +85,14 @@ class TorchBackend:
         if key != self._mask_key:  # once per generation, not per token
             self._mask_key, self._kept = key, [int(i) for i in np.flatnonzero(mask)]
         fm = self.fm
-        h = fm.embed(torch.tensor([[token]], dtype=torch.int64))
-        cos, sin = fm.rope(torch.tensor([[position]], dtype=torch.int64))
+        h = fm.embed(torch.tensor([[token]], dtype=torch.int64, device=self.device))
+        cos, sin = fm.rope(torch.tensor([[position]], dtype=torch.int64, device=self.device))
         for l in self._kept:
             n = self.lengths[l]
             h, _, _ = fm.layer(l, h, cos, sin, cache=(self.k[l], self.v[l], n))
             self.lengths[l] = n + 1
             self.layer_calls[l] += 1
-        return fm.head(h)[0, 0].numpy()
+        return fm.head(h)[0, 0].cpu().numpy()
 
 
 def run_generation(fm: FirstModel, tokenizer, prompt: str, *, max_new_tokens=64, temperature=0.0, top_p=1.0,
