@@ -17,5 +17,11 @@ if [[ "${FIRST_EDGE_FUZZ_CPP:-1}" != 0 ]]; then
   bash "$ROOT/scripts/fuzz_cpp.sh" --setup-only >/dev/null 2>&1 \
     || echo "[test] clang/libFuzzer setup failed: tests/test_fuzz_cpp.py will be skipped" >&2
 fi
+# the Android toolchain of tests/test_android.py (Debian's aapt/aapt2, zipalign, apksigner, android.jar API 23,
+# dx, junit4, org.json unpacked into ~/.cache/first-edge/android with a private apt configuration, about 10 s
+# the first time, nothing installed system-wide); the test also sets it up itself, and where it cannot be set
+# up the Android tests fail (they do not skip)
+bash "$ROOT/scripts/android_cache.sh" >/dev/null 2>&1 \
+  || echo "[test] Android toolchain setup failed: tests/test_android.py will fail (see bash scripts/android_cache.sh)" >&2
 cd "$ROOT"
 exec "$VENV/bin/python" -m pytest -q "$@"
