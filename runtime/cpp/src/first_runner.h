@@ -176,6 +176,9 @@ class Session {
   ~Session();
 
   // One turn: the user's tokens (no template tokens) in, the reply and the stats out; on_token may be null.
+  // An exception thrown by on_token (a caller's way to stop a turn) leaves this function: the turn is not
+  // recorded, the Runner is free again and the session stays usable (if the turn had first dropped old turns
+  // with trim, they stay dropped: the cache was prefilled again without them).
   Status chat(const std::vector<int64_t>& user_ids, const ChatOptions& opt, ChatResult* res,
               const std::function<void(int64_t)>& on_token = nullptr);
   // Forget the conversation (the buffers are overwritten by the next turn's prefill).

@@ -387,6 +387,24 @@ static void session_tests(const std::string& good, const std::string& tmp) {
   std::vector<uint8_t> mk;
   CHECK(ref->prefill(hist, 0.5f, &lg, &sc, &mk).ok && kv_diff(*r, *ref, (int)hist.size()) <= 1e-4);
   CHECK(sess->chat({7, 8}, trim, &res).ok && res.turn == 4 && res.dropped_turns >= 1);  // still usable
+  {  // a token callback that throws (the JNI bridge's stop) unwinds out of chat: the turn is not recorded, the
+     // Runner is free again and the next turn's cache is exact
+    before = sess->history();
+    int n = 0;
+    bool caught = false;
+    try {
+      sess->chat({9, 10}, trim, &res, [&](int64_t) {
+        if (++n == 2) throw 42;
+      });
+    } catch (int) {
+      caught = true;
+    }
+    CHECK(caught && sess->history() == before);
+    s = sess->chat({9, 10}, trim, &res);
+    CHECK(s.ok && res.reused_tokens == (int)before.size());
+    hist = sess->history();
+    CHECK(ref->prefill(hist, 0.5f, &lg, &sc, &mk).ok && kv_diff(*r, *ref, (int)hist.size()) <= 1e-4);
+  }
   // reset: the first turn again gives the first reply
   sess->reset();
   CHECK(sess->chat(turns[0], opts[0], &res).ok && res.turn == 1 && res.reply == first_reply);
