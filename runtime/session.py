@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import FirstEdgeError
 from .loop import GenerationResult, SamplingConfig, generate
+from .masks import check_mask, make_mask
 
 
 @dataclass
@@ -108,7 +109,10 @@ class Session:
                 raise FirstEdgeError("this session has no tokenizer: pass the user turn as token ids")
             if not user.strip():
                 raise FirstEdgeError("the user turn is empty")
-            return self.tokenizer.encode_text(user)
+            ids = self.tokenizer.encode_text(user)
+            if not ids:
+                raise FirstEdgeError("the user turn is empty (no tokens)")
+            return ids
         ids = [int(i) for i in user]
         if not ids:
             raise FirstEdgeError("the user turn is empty")
@@ -131,6 +135,12 @@ class Session:
         sampling = SamplingConfig(**{**sampling.__dict__, "eos_ids": list(sampling.eos_ids) or self.eos_ids})
         sampling.check()
         u = self._user_ids(user)
+        L = int(self.backend.n_layers)
+        if mask is not None:  # the options are checked before anything runs: a refused turn touches no cache
+            check_mask(mask, L)
+        else:
+            make_mask(np.zeros(L, np.float32), threshold=threshold, keep=keep, pinned=self.pinned,
+                      default_threshold=self.default_threshold)
         C = int(self.backend.max_context)
         turns = list(self.turns)
         if turns:
@@ -162,6 +172,7 @@ class Session:
             hist = np.asarray(self._history(turns), np.int64)
             self.backend.prefill(hist, self.default_threshold)
             reprefill, reprefill_ms = len(hist), (time.perf_counter() - t0) * 1e3
+            self.turns, self.exact = list(turns), exact  # what the cache now holds, whatever happens next
         kwargs = dict(threshold=threshold, keep=keep, mask=mask, pinned=self.pinned, default_threshold=self.default_threshold,
                       on_token=on_token, keep_logits=keep_logits)
         if turns:

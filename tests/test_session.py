@@ -174,6 +174,14 @@ def test_context_full_error_and_trimming(ref_model):
     assert r.reply_ids == one.reply_tokens([2])
     with pytest.raises(FirstEdgeError, match="the user turn needs 66 tokens with the chat template, more than the context"):
         s.chat(list(range(5, 69)), cfg, trim=True)
+    # bad options are refused before anything runs, also when the turn would trim (the cache is untouched)
+    kv0 = [_kv(be, l, len(hist))[0].copy() for l in range(ref_model.n_layers)]
+    for bad, match in (({"keep": 99}, "keep"), ({"mask": np.ones(3, bool)}, "layer mask has length 3"),
+                       ({"threshold": 0.5, "keep": 2}, "not both")):
+        with pytest.raises(FirstEdgeError, match=match):
+            s.chat(long_turn, cfg, trim=True, **bad)
+        assert s.history == hist and all(np.array_equal(_kv(be, l, len(hist))[0], kv0[l])
+                                         for l in range(ref_model.n_layers))
     assert s.chat([7, 8], cfg).turn == 4  # still usable
 
 
