@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import platform
 import sys
+from pathlib import Path
 
-import runtime.__main__ as cli
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's runtime/, installed or not
+import runtime.__main__ as cli  # noqa: E402
 
 MARK = "FIRST_EDGE_TOKENS"
 
