@@ -138,3 +138,32 @@ def test_cpp_decode_to_the_end_of_the_context(build_dir, bundle):
     assert out["tokens"] == a.tokens
     lg = np.fromfile(dump, dtype=np.float32).reshape(-1, len(a.first_logits))
     assert float(np.abs(lg - np.stack([a.first_logits] + a.step_logits)).max()) <= 1e-3
+
+
+def test_cpp_under_address_sanitizer(bundle, tmp_path):
+    """CI's AddressSanitizer run (issue 14): the runner built with ASan runs its ctest suite (bundles, masks,
+    sessions, refused turns, threads), decodes to exactly max_context, and chats until the context is full
+    (then trims); any out-of-bounds access or use-after-free aborts with an ASan report."""
+    asan = cpp_build(asan=True)
+    env = dict(os.environ, FIRST_EDGE_TEST_BUNDLE=str(bundle), FIRST_EDGE_TEST_TMP=str(workdir()),
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1")
+    ctest = str(cmake_exe()).replace("cmake", "ctest") if cmake_exe().endswith("cmake") else "ctest"
+    r = subprocess.run([ctest, "--test-dir", str(asan), "--output-on-failure"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "100% tests passed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+    ids, mask, a = end_of_context_case()
+    run = [str(asan / "first_edge_run"), "--bundle", str(bundle)]
+    # more new tokens than fit: the last decode writes the buffers' last row, then the context stops it
+    r = subprocess.run(run + ["--ids", ",".join(map(str, ids)), "--max-new-tokens", str(MAX_CONTEXT),
+                              "--ignore-eos", "--threads", "1", "--mask", mask_str(mask)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "AddressSanitizer" not in r.stderr, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["stop_reason"] == "max_context" and len(out["tokens"]) == MAX_CONTEXT - len(ids) + 1
+    assert out["tokens"][:len(a.tokens)] == a.tokens
+    script = tmp_path / "turns.txt"
+    script.write_text("\n".join(",".join(str(5 + (7 * i + j) % 80) for j in range(9)) for i in range(8)) + "\n")
+    r = subprocess.run(run + ["--chat", "--script", str(script), "--trim", "--max-new-tokens", "12", "--ignore-eos",
+                              "--keep", "3"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "AddressSanitizer" not in r.stderr, r.stderr[-3000:]
+    turns = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    assert len(turns) == 8 and any(t["dropped_turns"] > 0 for t in turns), turns[-1]
