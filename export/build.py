@@ -1,11 +1,14 @@
 """Build a deployable bundle (DESIGN.md section 3).
 
     python -m export.build --target rpi|android [--model DIR] [--run runs/NAME] [--quantize ...] --out dist/NAME
+                           [--sign-key FILE]
 
 ``--target rpi`` writes ONNX graphs for ONNX Runtime (export/onnx_export.py); ``--target android``
 writes one ExecuTorch ``model.pte`` (export/et_export.py). Both share the manifest, tokenizer,
 chat prefix/suffix and report written here. Each target module validates its graphs against the
-PyTorch reference before the manifest is written.
+PyTorch reference before the manifest is written. ``--sign-key FILE`` also writes ``manifest.sig``, the
+HMAC-SHA256 of manifest.json under the key file's raw bytes (a device with the same key as its trusted key
+refuses bundles that do not carry it: runtime/bundle.py).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from runtime.bundle import TOOL_VERSION, Bundle, write_manifest
+from runtime.bundle import TOOL_VERSION, Bundle, read_key, sign_bundle, write_manifest
 from runtime.errors import FirstEdgeError, cli_main
 from runtime.graph_io import Dims, graph_io, to_json
 
@@ -77,9 +80,15 @@ def write_common(fm, tok, out: Path, run: Optional[str]) -> dict:
 
 
 def build(target: str, out, model: Optional[str] = None, run: Optional[str] = None, quantize: str = "none",
-          max_context: int = DEFAULT_MAX_CONTEXT, verbose: bool = True, **opts) -> Path:
+          max_context: int = DEFAULT_MAX_CONTEXT, verbose: bool = True, sign_key=None, **opts) -> Path:
+    """``sign_key``: a key file path (or the key's bytes) to sign the bundle with (manifest.sig)."""
     from .model import build_first_model
 
+    key = None
+    if sign_key is not None:  # checked before the (long) build
+        key = bytes(sign_key) if isinstance(sign_key, (bytes, bytearray)) else read_key(sign_key, "signing key")
+        if not key:
+            raise FirstEdgeError("the signing key is empty")
     if target not in TARGETS:
         raise FirstEdgeError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     mod_name, runtime, qchoices = TARGETS[target]
@@ -104,7 +113,11 @@ def build(target: str, out, model: Optional[str] = None, run: Optional[str] = No
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the bundle's permissions
     try:
         _write_bundle(fm, tok, tmp, target, runtime, mod_name, run, quantize, max_context, verbose, opts)
-        Bundle(tmp)  # the device-side validation: files, sizes, hashes, I/O schema
+        if key is not None:
+            sign_bundle(tmp, key)  # manifest.sig, inside the folder before it is validated and renamed
+        # the device-side validation: files, sizes, hashes, I/O schema (and the signature, with a key; an unsigned
+        # build is not checked against a FIRST_EDGE_TRUSTED_KEY of this host)
+        Bundle(tmp, trusted_key=key if key is not None else False)
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             os.replace(out, old)
@@ -147,10 +160,12 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                     help="target-specific option passed to build_graphs (e.g. decode_shape=split)")
+    ap.add_argument("--sign-key", metavar="FILE", help="sign the bundle: write manifest.sig, the HMAC-SHA256 of "
+                    "manifest.json under this key file's raw bytes (devices whose trusted key is this file accept it)")
     args = ap.parse_args(argv)
     opts = dict(o.split("=", 1) for o in args.opt)
     build(args.target, args.out, model=args.model, run=args.run, quantize=args.quantize,
-          max_context=args.max_context, **opts)
+          max_context=args.max_context, sign_key=args.sign_key, **opts)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ def main(argv=None):
     ap.add_argument("--trim", action="store_true", help="with --chat: when a turn does not fit the context, drop "
                     "the oldest whole turns (else the turn is refused)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--trusted-key", metavar="FILE", help="refuse the bundle unless its manifest.sig verifies with "
+                    "this key file (python -m export.build --sign-key); default: the file named by "
+                    "FIRST_EDGE_TRUSTED_KEY, if set")
     ap.add_argument("--backend-opt", action="append", default=[], metavar="KEY=VALUE",
                     help="backend-specific option (e.g. decode_shape=split for ONNX bundles)")
     args = ap.parse_args(argv)
@@ -99,7 +102,7 @@ def main(argv=None):
     if (args.script or args.trim) and not args.chat:
         raise FirstEdgeError("--script and --trim go with --chat")
 
-    bundle = Bundle(args.bundle)
+    bundle = Bundle(args.bundle, trusted_key=args.trusted_key)
     tok = BundleTokenizer(bundle)
     opts = dict(o.split("=", 1) for o in args.backend_opt)
     backend = load_backend(bundle, threads=args.threads, **opts)

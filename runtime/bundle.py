@@ -3,10 +3,16 @@
 A runtime validates the manifest (known version, files present, sha256s, dims consistent) before
 it loads anything, and refuses a bad bundle with one line that names the problem. Graph-level
 checks (input shapes against the manifest dims) are done by each backend right after loading.
+
+Signed bundles: ``manifest.sig`` holds the hex HMAC-SHA256 (RFC 2104) of manifest.json's exact bytes under a
+key shared by the builder and the device (``python -m export.build --sign-key FILE``). With a trusted key
+configured (``Bundle(path, trusted_key=...)`` or the ``FIRST_EDGE_TRUSTED_KEY`` key file), a bundle without a
+signature that verifies is refused before the manifest is even parsed; without one, manifest.sig is ignored.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -19,6 +25,8 @@ from .masks import pinned_array
 FORMAT_VERSION = 3  # 2: graphs.io (runtime/graph_io.py); files as {name: {"sha256", "bytes"}}; 3: the extend
 #                     graph (chat sessions) and chat.turn_prefix / chat.ids
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"  # hex HMAC-SHA256 of manifest.json's bytes (signed bundles)
+TRUSTED_KEY_ENV = "FIRST_EDGE_TRUSTED_KEY"  # path of the trusted key file (the device side)
 TOOL_VERSION = "first-edge 0.1.0"
 RUNTIMES = ("onnxruntime", "executorch")
 MODEL_KEYS = ("name", "architecture", "n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim",
@@ -45,14 +53,79 @@ def write_manifest(bundle_dir, manifest: Dict[str, Any]) -> Path:
     manifest.setdefault("tool", TOOL_VERSION)
     files = {}
     for p in sorted(d.rglob("*")):
-        if p.is_file() and not p.is_symlink() and p.name != MANIFEST and not p.name.startswith(MANIFEST + "."):
-            files[p.relative_to(d).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        rel = p.relative_to(d).as_posix()
+        if (p.is_file() and not p.is_symlink() and rel != SIGNATURE and p.name != MANIFEST
+                and not p.name.startswith(MANIFEST + ".")):
+            files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     manifest["files"] = files
     out = d / MANIFEST
     tmp = d / (MANIFEST + ".tmp")
+    (d / SIGNATURE).unlink(missing_ok=True)  # a signature of the previous manifest cannot verify: sign again
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
     os.replace(tmp, out)
     return out
+
+
+# -- signatures (HMAC-SHA256 of manifest.json's bytes under a shared key)
+def read_key(path, what: str = "trusted key") -> bytes:
+    """The raw bytes of a key file (every byte is key, a trailing newline too); a one-line FirstEdgeError if
+    it cannot be read or is empty."""
+    try:
+        if not Path(path).is_file():  # not a folder, nor a device that never ends
+            raise FirstEdgeError(f"cannot read the {what} file {path}: not a regular file")
+        key = Path(path).read_bytes()
+    except OSError as e:
+        raise FirstEdgeError(f"cannot read the {what} file {path}: {e.strerror or e}") from None
+    if not key:
+        raise FirstEdgeError(f"the {what} file {path} is empty")
+    return key
+
+
+def manifest_signature(manifest_bytes: bytes, key: bytes) -> str:
+    """Hex HMAC-SHA256 (RFC 2104) of the manifest's exact bytes."""
+    return hmac.new(key, manifest_bytes, hashlib.sha256).hexdigest()
+
+
+def sign_bundle(bundle_dir, key: bytes) -> Path:
+    """Write manifest.sig for the folder's manifest.json (write-then-rename)."""
+    d = Path(bundle_dir)
+    sig = manifest_signature((d / MANIFEST).read_bytes(), key)
+    tmp = d / (SIGNATURE + ".tmp")
+    tmp.write_text(sig + "\n")
+    os.replace(tmp, d / SIGNATURE)
+    return d / SIGNATURE
+
+
+def _resolve_key(trusted_key) -> Optional[bytes]:
+    """None/unset: the key file named by FIRST_EDGE_TRUSTED_KEY if set (and not empty), else no key;
+    False: no key whatever the environment; bytes: the key; str/PathLike: a key file."""
+    if trusted_key is False:
+        return None
+    if trusted_key is None:
+        trusted_key = os.environ.get(TRUSTED_KEY_ENV) or None
+        if trusted_key is None:
+            return None
+    if isinstance(trusted_key, (bytes, bytearray)):
+        if not trusted_key:
+            raise FirstEdgeError("the trusted key is empty")
+        return bytes(trusted_key)
+    return read_key(trusted_key)
+
+
+def verify_signature(bundle_dir: Path, manifest_bytes: bytes, key: bytes) -> None:
+    """manifest.sig must hold the HMAC-SHA256 of these manifest bytes under the key (constant-time compare)."""
+    sp = Path(bundle_dir) / SIGNATURE
+    if not sp.is_file():
+        raise FirstEdgeError(f"bundle {bundle_dir} is not signed (no {SIGNATURE}) and a trusted key is configured: refused")
+    try:
+        got = sp.read_bytes().strip().lower()
+    except OSError as e:
+        raise FirstEdgeError(f"cannot read {sp}: {e.strerror or e}") from None
+    if not re.fullmatch(rb"[0-9a-f]{64}", got):
+        raise FirstEdgeError(f"{sp} is not an HMAC-SHA256 signature (64 hex digits): refused")
+    if not hmac.compare_digest(got, manifest_signature(manifest_bytes, key).encode()):
+        raise FirstEdgeError(f"{SIGNATURE} of bundle {bundle_dir} does not verify with the trusted key (signed with "
+                             f"another key, or {MANIFEST} was changed after signing): refused")
 
 
 _ONNX_LOCATION = re.compile(rb"\x0a\x08location\x12")
@@ -104,9 +177,18 @@ def _links_leaving(root: Path) -> List[str]:
 
 
 class Bundle:
-    """A validated bundle folder. ``Bundle(path)`` raises FirstEdgeError on any problem."""
+    """A validated bundle folder. ``Bundle(path)`` raises FirstEdgeError on any problem.
 
-    def __init__(self, path, verify_hashes: bool = True):
+    ``trusted_key``: a key file path or the key's bytes; None (default) reads the key file named by
+    FIRST_EDGE_TRUSTED_KEY when that is set; False checks no signature. With a key, manifest.sig must verify
+    (before anything else in the bundle is read) and the file hashes are always checked (the signature covers
+    the files through them), whatever ``verify_hashes`` says."""
+
+    def __init__(self, path, verify_hashes: bool = True, trusted_key=None):
+        key = _resolve_key(trusted_key)
+        self.signed = key is not None
+        if key is not None:
+            verify_hashes = True
         self.path = Path(path)
         if not self.path.exists():
             raise FirstEdgeError(f"bundle folder not found: {self.path}")
@@ -116,7 +198,13 @@ class Bundle:
         if not mf.exists():
             raise FirstEdgeError(f"not a FiRST-Edge bundle (no {MANIFEST}) in {self.path}")
         try:
-            m = json.loads(mf.read_text())
+            raw = mf.read_bytes()
+        except OSError as e:
+            raise FirstEdgeError(f"cannot read {mf}: {e.strerror or e}") from None
+        if key is not None:  # before the manifest is parsed or any other file is read
+            verify_signature(self.path, raw, key)
+        try:
+            m = json.loads(raw.decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise FirstEdgeError(f"{mf} is not valid JSON: {e}") from None
         if not isinstance(m, dict):

@@ -5,6 +5,7 @@
 #include <climits>
 #include <cstdlib>
 #include <fstream>
+#include <mutex>
 #include <sstream>
 
 #include "first_runner.h"
@@ -39,6 +40,49 @@ Status get_int(const Json& obj, const char* section, const char* key, int* out, 
   if (!obj[key].as_int(&v) || (positive && v <= 0) || v > (1LL << 31) - 1)
     return Status::Error(std::string("manifest ") + section + "." + key + " must be a positive integer");
   *out = (int)v;
+  return Status::Ok();
+}
+
+std::mutex g_key_mu;
+std::string g_key_file;  // set_trusted_key_file
+
+// The trusted key file: the options', else the process default, else FIRST_EDGE_TRUSTED_KEY; "" if none.
+std::string trusted_key_path(const BundleOptions& opt) {
+  if (!opt.trusted_key_file.empty()) return opt.trusted_key_file;
+  {
+    std::lock_guard<std::mutex> lock(g_key_mu);
+    if (!g_key_file.empty()) return g_key_file;
+  }
+  const char* env = std::getenv("FIRST_EDGE_TRUSTED_KEY");
+  return env ? std::string(env) : std::string();
+}
+
+// Equal lengths compared without an early exit (no timing hint of where a forged signature first differs).
+bool constant_time_equal(const std::string& a, const std::string& b) {
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); i++) diff |= (unsigned char)(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+// manifest.sig must hold the hex HMAC-SHA256 of the manifest's bytes under the key (runtime/bundle.py).
+Status verify_signature(const std::string& dir, const std::string& manifest, const std::string& key) {
+  std::string sp = dir + "/manifest.sig", sig;
+  struct stat st;
+  if (stat(sp.c_str(), &st) != 0 || !S_ISREG(st.st_mode))
+    return Status::Error("bundle " + dir + " is not signed (no manifest.sig) and a trusted key is configured: refused");
+  if (st.st_size > 4096 || !read_file(sp, &sig)) return Status::Error("cannot read " + sp);
+  size_t a = sig.find_first_not_of(" \t\r\n"), b = sig.find_last_not_of(" \t\r\n");
+  sig = a == std::string::npos ? "" : sig.substr(a, b - a + 1);
+  bool hex = sig.size() == 64;
+  for (char& c : sig) {
+    if (c >= 'A' && c <= 'F') c = (char)(c - 'A' + 'a');
+    hex = hex && ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'));
+  }
+  if (!hex) return Status::Error(sp + " is not an HMAC-SHA256 signature (64 hex digits): refused");
+  if (!constant_time_equal(sig, hmac_sha256(key, manifest)))
+    return Status::Error("manifest.sig of bundle " + dir + " does not verify with the trusted key (signed with "
+                         "another key, or manifest.json was changed after signing): refused");
   return Status::Ok();
 }
 
@@ -156,7 +200,28 @@ int GraphIo::output(const std::string& name) const {
 }
 
 // ------------------------------------------------------------------------------------------------
-Status load_bundle_info(const std::string& dir_in, BundleInfo* out, bool verify_hashes) {
+void set_trusted_key_file(const std::string& path) {
+  std::lock_guard<std::mutex> lock(g_key_mu);
+  g_key_file = path;
+}
+
+Status load_bundle_info(const std::string& dir, BundleInfo* out, bool verify_hashes) {
+  BundleOptions opt;
+  opt.verify_hashes = verify_hashes;
+  return load_bundle_info(dir, out, opt);
+}
+
+Status load_bundle_info(const std::string& dir_in, BundleInfo* out, const BundleOptions& opt) {
+  bool verify_hashes = opt.verify_hashes;
+  std::string key;
+  const std::string key_path = trusted_key_path(opt);
+  if (!key_path.empty()) {  // a configured key that cannot be read refuses every bundle (fail closed)
+    struct stat st;  // a regular file (not a folder, nor a device that never ends)
+    if (stat(key_path.c_str(), &st) != 0 || !S_ISREG(st.st_mode) || !read_file(key_path, &key))
+      return Status::Error("cannot read the trusted key file " + key_path);
+    if (key.empty()) return Status::Error("the trusted key file " + key_path + " is empty");
+    verify_hashes = true;  // the signature covers the files through their hashes
+  }
   BundleInfo info;
   std::string dir = dir_in;
   while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
@@ -167,6 +232,8 @@ Status load_bundle_info(const std::string& dir_in, BundleInfo* out, bool verify_
   std::string mf = dir + "/manifest.json", text, err;
   if (!file_exists(mf)) return Status::Error("not a FiRST-Edge bundle (no manifest.json) in " + dir);
   if (!read_file(mf, &text)) return Status::Error("cannot read " + mf);
+  Status s;
+  if (!key.empty() && !(s = verify_signature(dir, text, key))) return s;  // before the manifest is even parsed
   Json m;
   if (!Json::parse(text, &m, &err)) return Status::Error(mf + " is not valid JSON: " + err);
   if (!m.is_obj()) return Status::Error(mf + " must hold a JSON object");
@@ -179,7 +246,6 @@ Status load_bundle_info(const std::string& dir_in, BundleInfo* out, bool verify_
                          m["runtime"].str + "'");
   const Json& model = m["model"];
   if (!model.is_obj()) return Status::Error("manifest has no 'model' section");
-  Status s;
   if (!(s = get_int(model, "model", "n_layers", &info.n_layers))) return s;
   if (!(s = get_int(model, "model", "hidden_size", &info.hidden_size))) return s;
   if (!(s = get_int(model, "model", "n_heads", &info.n_heads))) return s;

@@ -2,7 +2,7 @@
 //
 //   first_edge_run --bundle DIR --ids 1,2,3 [--threshold T | --keep K | --mask 0101...]
 //                  [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--ignore-eos]
-//                  [--threads N] [--runs R] [--warmup W] [--dump-logits FILE] [--no-verify]
+//                  [--threads N] [--runs R] [--warmup W] [--dump-logits FILE] [--no-verify] [--trusted-key FILE]
 //
 //   first_edge_run --bundle DIR --chat [--script FILE] [--trim] [--dump-kv PREFIX] [generation options]
 //
@@ -17,6 +17,10 @@
 // (turn, reused_tokens, prefilled_tokens, history_tokens, dropped_turns). --dump-kv PREFIX writes, after each
 // turn, every layer's first history_tokens K then V rows ([history_tokens, n_kv, head_dim] float32 each, layer
 // by layer) to PREFIX.N.bin (N counts the turns the command ran; "kv_file" in the JSON line).
+//
+// --trusted-key FILE: refuse the bundle unless its manifest.sig is the HMAC-SHA256 of manifest.json under FILE's
+// bytes (python -m export.build --sign-key FILE); default: the file named by FIRST_EDGE_TRUSTED_KEY, if set. With a
+// key the file hashes are always checked (--no-verify is refused with it).
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -168,7 +172,7 @@ static int run_chat(const std::string& bundle, int threads, bool verify, const C
 }
 
 int main(int argc, char** argv) {
-  std::string bundle, ids_s, dump, script, dump_kv;
+  std::string bundle, ids_s, dump, script, dump_kv, trusted_key;
   bool chat = false, trim = false;
   GenerateOptions opt;
   int threads = 2, runs = 1, warmup = 0;
@@ -184,13 +188,15 @@ int main(int argc, char** argv) {
     if (a == "--help" || a == "-h") {
       std::printf("usage: first_edge_run --bundle DIR --ids 1,2,3 [--threshold T | --keep K | --mask 0101..] "
                   "[--max-new-tokens N] [--temperature T] [--top-p P] [--seed S] [--ignore-eos] [--threads N] "
-                  "[--runs R] [--warmup W] [--dump-logits FILE] [--no-verify]\n"
+                  "[--runs R] [--warmup W] [--dump-logits FILE] [--no-verify] [--trusted-key FILE]\n"
                   "       first_edge_run --bundle DIR --chat [--script FILE] [--trim] [--dump-kv PREFIX] "
                   "[--threshold T | --keep K | --mask 0101..] [--max-new-tokens N] [...]\n"
                   "  --chat: multi-turn session reusing the KV cache; this runner has no tokenizer, so each user turn "
                   "is one line of comma-separated token ids (the message only, no template tokens): the non-empty "
                   "lines of --script FILE, or lines read from stdin (/reset forgets the conversation, /exit ends). "
-                  "One JSON line per turn. --trim drops the oldest turns when the context is full (else an error).\n");
+                  "One JSON line per turn. --trim drops the oldest turns when the context is full (else an error).\n"
+                  "  --trusted-key FILE: refuse the bundle unless its manifest.sig (HMAC-SHA256 of manifest.json) "
+                  "verifies with this key file (default: the file named by FIRST_EDGE_TRUSTED_KEY, if set).\n");
       return 0;
     } else if (a == "--ignore-eos") {
       opt.ignore_eos = true;
@@ -209,6 +215,10 @@ int main(int argc, char** argv) {
       else if (a == "--dump-logits") dump = val;
       else if (a == "--script") script = val;
       else if (a == "--dump-kv") dump_kv = val;
+      else if (a == "--trusted-key") {
+        if (!*val) return fail("--trusted-key needs a key file");
+        trusted_key = val;
+      }
       else if (!to_num(val, &v)) return fail("option " + a + " needs a number, got '" + val + "'");
       else if (a == "--threshold") { opt.has_threshold = true; opt.threshold = (float)v; }
       else if (a == "--keep") opt.keep = (int)v;
@@ -223,6 +233,10 @@ int main(int argc, char** argv) {
     }
   }
   if (bundle.empty()) return fail("--bundle is required");
+  if (!trusted_key.empty()) {
+    if (!verify) return fail("--no-verify does not go with --trusted-key (the signature covers the files through their hashes)");
+    set_trusted_key_file(trusted_key);  // load_bundle_info (Runner::create) checks manifest.sig with it
+  }
   if ((!script.empty() || trim || !dump_kv.empty()) && !chat) return fail("--script, --trim and --dump-kv go with --chat");
   if (chat) {
     if (!ids_s.empty()) return fail("give either --ids (one reply) or --chat (a conversation)");

@@ -67,6 +67,22 @@ struct BundleInfo {
 // Reads and validates manifest.json (and every file's sha256 when verify_hashes).
 Status load_bundle_info(const std::string& dir, BundleInfo* out, bool verify_hashes = true);
 
+// Signed bundles (DESIGN.md section 3): manifest.sig holds the hex HMAC-SHA256 of manifest.json's exact bytes under
+// a key shared with the builder (python -m export.build --sign-key FILE). With a trusted key configured, a bundle
+// without manifest.sig, or whose signature does not verify, is refused before the manifest is parsed or any other
+// file is read, and every file's hash is checked (verify_hashes is ignored: the signature covers the files through
+// their hashes). Without a key, manifest.sig is ignored.
+struct BundleOptions {
+  bool verify_hashes = true;
+  // Path of the trusted key file (its raw bytes are the key). Empty: the process default (set_trusted_key_file),
+  // else the file named by the FIRST_EDGE_TRUSTED_KEY environment variable when set and not empty, else no key.
+  std::string trusted_key_file;
+};
+Status load_bundle_info(const std::string& dir, BundleInfo* out, const BundleOptions& opt);
+// The process-wide trusted key file used when BundleOptions names none (so also by Runner::create and the
+// overload above); it takes precedence over FIRST_EDGE_TRUSTED_KEY. "" clears it.
+void set_trusted_key_file(const std::string& path);
+
 struct GenerateOptions {
   int max_new_tokens = 64;
   float temperature = 0.0f;  // 0 = greedy

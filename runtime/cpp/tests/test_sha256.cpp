@@ -2,6 +2,8 @@
 // padding edges of the 64-byte block: the length field fits after the 0x80 byte up to 55 bytes (one block),
 // not from 56 (an extra block); the same again one block later (119, 120). Also fed in pieces (the update
 // buffering) and through sha256_file (a file larger than its 1 MiB read buffer, an empty file, a missing one).
+// HMAC-SHA256 (the bundle signature, manifest.sig) against the RFC 4231 test vectors (keys shorter and longer
+// than the 64-byte block) and keys of exactly 64 and 65 bytes (Python's hmac).
 #include <unistd.h>
 
 #include <algorithm>
@@ -114,6 +116,38 @@ int main() {
   for (int r = 0; r < 5; r++)
     for (int b = 0; b < 256; b++) all.push_back((uint8_t)b);
   expect_eq(digest(all, 0), "d414b085826eb06778483ba35564dc849e643359f69ed9747878ba6e54985bed", "bytes 0..255 x 5");
+
+  // RFC 4231 section 4: test cases 1-4, 6, 7; case 5's output is truncated to 128 bits there
+  struct HmacCase {
+    std::string key, data;
+    const char* hex;
+    const char* what;
+  };
+  std::string k4;
+  for (int b = 1; b <= 25; b++) k4.push_back((char)b);
+  const HmacCase hmacs[] = {
+      {std::string(20, '\x0b'), "Hi There", "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7",
+       "RFC 4231 case 1"},
+      {"Jefe", "what do ya want for nothing?", "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843",
+       "RFC 4231 case 2"},
+      {std::string(20, '\xaa'), std::string(50, '\xdd'),
+       "773ea91e36800e46854db8ebd09181a72959098b3ef8c122d9635514ced565fe", "RFC 4231 case 3"},
+      {k4, std::string(50, '\xcd'), "82558a389a443c0ea4cc819899f2083a85f0faa3e578f8077a2e3ff46729665b",
+       "RFC 4231 case 4"},
+      {std::string(131, '\xaa'), "Test Using Larger Than Block-Size Key - Hash Key First",
+       "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54", "RFC 4231 case 6 (131-byte key)"},
+      {std::string(131, '\xaa'),
+       "This is a test using a larger than block-size key and a larger than block-size data. The key needs to be "
+       "hashed before being used by the HMAC algorithm.",
+       "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2", "RFC 4231 case 7 (131-byte key)"},
+      {std::string(64, 'k'), "manifest", "3bfa7db354eb773e0ca12fe1ff0a102e09516a9b97e0ae0e349e485dd6a636a7", "HMAC with a 64-byte key"},
+      {std::string(65, 'k'), "manifest", "6214ee000b9a03908fc057a255d31d2740f2f936b481ee85169491c53ea037ba", "HMAC with a 65-byte key (hashed first)"},
+  };
+  for (const HmacCase& c : hmacs) {
+    expect_eq(hmac_sha256(c.key, c.data), c.hex, c.what);
+  }
+  expect_eq(hmac_sha256(std::string(20, '\x0c'), "Test With Truncation").substr(0, 32),
+            "a3b6167473100ee06e0c796c2955552b", "RFC 4231 case 5 (first 128 bits)");
 
   const char* tmp = std::getenv("FIRST_EDGE_TEST_TMP");
   file_tests(tmp && *tmp ? tmp : "/tmp");

@@ -62,7 +62,7 @@ void Sha256::update(const uint8_t* data, size_t n) {
   }
 }
 
-std::string Sha256::hex() {
+void Sha256::digest(uint8_t out[32]) {
   uint64_t bits = total_ * 8;
   uint8_t pad = 0x80;
   update(&pad, 1);
@@ -71,11 +71,49 @@ std::string Sha256::hex() {
   uint8_t len[8];
   for (int i = 0; i < 8; i++) len[i] = (uint8_t)(bits >> (56 - 8 * i));
   update(len, 8);
+  for (int i = 0; i < 8; i++)
+    for (int j = 0; j < 4; j++) out[4 * i + j] = (uint8_t)(h_[i] >> (24 - 8 * j));
+}
+
+static std::string to_hex(const uint8_t* p, size_t n) {
   static const char* d = "0123456789abcdef";
   std::string out;
-  for (int i = 0; i < 8; i++)
-    for (int j = 28; j >= 0; j -= 4) out.push_back(d[(h_[i] >> j) & 0xF]);
+  for (size_t i = 0; i < n; i++) {
+    out.push_back(d[p[i] >> 4]);
+    out.push_back(d[p[i] & 0xF]);
+  }
   return out;
+}
+
+std::string Sha256::hex() {
+  uint8_t out[32];
+  digest(out);
+  return to_hex(out, 32);
+}
+
+std::string hmac_sha256(const std::string& key, const std::string& message) {
+  uint8_t k[64] = {0};  // the key, zero-padded to the block size (hashed first when longer)
+  if (key.size() > 64) {
+    Sha256 h;
+    h.update((const uint8_t*)key.data(), key.size());
+    h.digest(k);
+  } else {
+    std::memcpy(k, key.data(), key.size());
+  }
+  uint8_t ipad[64], opad[64], inner[32], mac[32];
+  for (int i = 0; i < 64; i++) {
+    ipad[i] = k[i] ^ 0x36;
+    opad[i] = k[i] ^ 0x5c;
+  }
+  Sha256 in;
+  in.update(ipad, 64);
+  in.update((const uint8_t*)message.data(), message.size());
+  in.digest(inner);
+  Sha256 out;
+  out.update(opad, 64);
+  out.update(inner, 32);
+  out.digest(mac);
+  return to_hex(mac, 32);
 }
 
 bool sha256_file(const std::string& path, std::string* hex, std::string* err) {
