@@ -139,33 +139,29 @@ class HeadMethod(nn.Module):
         return fm.lm_head(rms_norm(fm.base.norm, h, self.c)).view(1, -1)
 
 
-def prefill_layer(fm: FirstModel, c: Consts, l: int, h, cos, sin, allowed):
-    """One decoder layer over T prompt tokens (causal), GQA as one batched matmul per KV head group.
-
-    Returns h and this layer's K/V as [1, n_kv, T, hd]; cos/sin are [T, 1, hd], allowed [rep*T, T] bool.
-    """
+def prompt_layer(fm: FirstModel, c: Consts, l: int, h, cos, sin, allowed, past_k=None, past_v=None):
+    """One decoder layer over T tokens (prefill, or extend after a past of S tokens [1, S, n_kv, hd]): each token
+    attends to the whole past and, causally, to the new tokens (``allowed`` [rep*T, S+T]); GQA as one batched
+    matmul per KV head group. cos/sin are [T, 1, hd]. Returns h and the new tokens' K/V as [T, n_kv, hd]."""
     lay = fm.layers[l]
     att = lay.self_attn
     nh, nkv, hd = fm.n_heads, fm.n_kv_heads, fm.head_dim
     rep = nh // nkv
     T = h.shape[1]
     x = rms_norm(lay.input_layernorm, h, c)
-    q = att.q_proj(x).view(T, nh, hd)
-    k = att.k_proj(x).view(T, nkv, hd)
+    q = rope_apply(att.q_proj(x).view(T, nh, hd), cos, sin, c)
+    k = rope_apply(att.k_proj(x).view(T, nkv, hd), cos, sin, c)
     v = att.v_proj(x).view(T, nkv, hd)
-    q = rope_apply(q, cos, sin, c)
-    k = rope_apply(k, cos, sin, c)
+    kk, vv = (k, v) if past_k is None else (torch.cat([past_k[0], k], 0), torch.cat([past_v[0], v], 0))
+    kk, vv = kk.permute(1, 0, 2).contiguous(), vv.permute(1, 0, 2).contiguous()  # [nkv, S+T, hd]
     qg = q.view(T, nkv, rep, hd).permute(1, 2, 0, 3).reshape(nkv, rep * T, hd)  # rows (r, t) of group b
-    kh = k.permute(1, 0, 2).contiguous()  # [nkv, T, hd]
-    vh = v.permute(1, 0, 2).contiguous()
-    sc = torch.bmm(qg, kh.transpose(1, 2)) * fm.scaling  # [nkv, rep*T, T]
+    sc = torch.bmm(qg, kk.transpose(1, 2)) * fm.scaling  # [nkv, rep*T, S+T]
     sc = sc.masked_fill(allowed.logical_not(), float("-inf"))
-    p = torch.softmax(sc, dim=-1)
-    o = torch.bmm(p, vh)  # [nkv, rep*T, hd]
+    o = torch.bmm(torch.softmax(sc, dim=-1), vv)  # [nkv, rep*T, hd]
     o = o.view(nkv, rep, T, hd).permute(2, 0, 1, 3).reshape(1, T, nh * hd)
     h = h + att.o_proj(o)
     h = h + lay.mlp(rms_norm(lay.post_attention_layernorm, h, c))
-    return h, kh.unsqueeze(0), vh.unsqueeze(0)
+    return h, k, v
 
 
 class PrefillMethod(nn.Module):
@@ -190,37 +186,12 @@ class PrefillMethod(nn.Module):
         scores, kv = [], []
         for l in range(fm.n_layers):
             scores.append((fm.router_probs(l, h) * pool_w).sum(dim=1))
-            h, k, v = prefill_layer(fm, self.c, l, h, cos, sin, allowed)
-            kv += [k, v]
+            h, k, v = prompt_layer(fm, self.c, l, h, cos, sin, allowed)
+            kv += [x.permute(1, 0, 2).contiguous().unsqueeze(0) for x in (k, v)]  # [1, n_kv, T, hd]
         g = torch.cat(scores)
         mask = torch.logical_or(g >= threshold, fm.pinned_mask)
         logits = fm.head(h[:, -1:, :])[:, 0]
         return tuple([logits, g, mask] + kv)
-
-
-def extend_layer(fm: FirstModel, c: Consts, l: int, h, cos, sin, past_k, past_v, allowed):
-    """One decoder layer over T new tokens after a past of S tokens ([1, S, n_kv, hd]): each new token attends
-    to the whole past and, causally, to the new tokens (``allowed`` [rep*T, S+T]). Returns h and the new
-    tokens' K/V as [1, T, n_kv, hd] (the buffer's sequence-major layout)."""
-    lay = fm.layers[l]
-    att = lay.self_attn
-    nh, nkv, hd = fm.n_heads, fm.n_kv_heads, fm.head_dim
-    rep = nh // nkv
-    T = h.shape[1]
-    x = rms_norm(lay.input_layernorm, h, c)
-    q = rope_apply(att.q_proj(x).view(T, nh, hd), cos, sin, c)
-    k = rope_apply(att.k_proj(x).view(T, nkv, hd), cos, sin, c)
-    v = att.v_proj(x).view(T, nkv, hd)
-    kk = torch.cat([past_k[0], k], 0).permute(1, 0, 2)  # [nkv, S+T, hd]
-    vv = torch.cat([past_v[0], v], 0).permute(1, 0, 2)
-    qg = q.view(T, nkv, rep, hd).permute(1, 2, 0, 3).reshape(nkv, rep * T, hd)  # rows (r, t) of group b
-    sc = torch.bmm(qg, kk.transpose(1, 2)) * fm.scaling  # [nkv, rep*T, S+T]
-    sc = sc.masked_fill(allowed.logical_not(), float("-inf"))
-    o = torch.bmm(torch.softmax(sc, dim=-1), vv)  # [nkv, rep*T, hd]
-    o = o.view(nkv, rep, T, hd).permute(2, 0, 1, 3).reshape(1, T, nh * hd)
-    h = h + att.o_proj(o)
-    h = h + lay.mlp(rms_norm(lay.post_attention_layernorm, h, c))
-    return h, k.unsqueeze(0), v.unsqueeze(0)
 
 
 class ExtendMethod(nn.Module):
@@ -244,8 +215,8 @@ class ExtendMethod(nn.Module):
         probs, kv = [], []
         for l in range(fm.n_layers):
             probs.append(fm.router_probs(l, h))  # [1, T]
-            h, k, v = extend_layer(fm, self.c, l, h, cos, sin, past[2 * l], past[2 * l + 1], allowed)
-            kv += [k, v]
+            h, k, v = prompt_layer(fm, self.c, l, h, cos, sin, allowed, past[2 * l], past[2 * l + 1])
+            kv += [k.unsqueeze(0), v.unsqueeze(0)]  # [1, T, n_kv, hd], the buffers' sequence-major rows
         logits = fm.head(h[:, -1:, :])[:, 0]
         return tuple([logits, torch.cat(probs, 0)] + kv)
 
