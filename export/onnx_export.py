@@ -19,6 +19,8 @@ Graphs written into the bundle:
                    node; ONNX Runtime executes only the taken branch).
 ``embed.onnx``, ``layer_{l}.onnx``, ``head.onnx``   split decode shape: the runtime calls only the kept
                    layers (the shape NPU providers need).
+``weights.data``   every graph's weights, each tensor once (graphs share initializer names), indexed by
+                   ``weights.json``; the runtime maps it once for all its sessions (:func:`save_shared`).
 
 Before anything is returned every graph is checked against the PyTorch reference (prefill outputs
 and a few decode steps under an all-ones and a mixed mask), as Optimum's export validation does; a
@@ -26,11 +28,13 @@ mismatch raises :class:`FirstEdgeError`.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -408,17 +412,72 @@ def build_split(weights: Weights, bits: Optional[int]) -> Dict[str, onnx.ModelPr
     return res
 
 
-def save(model: onnx.ModelProto, path: Path) -> List[str]:
-    """Write the graph with its weights in external data (<name>.onnx.data); returns the file names."""
-    data = path.name + ".data"
-    if (path.parent / data).exists():
-        (path.parent / data).unlink()
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                    size_threshold=1024, convert_attribute=False)
-    files = [path.name]
-    if (path.parent / data).exists():
-        files.append(data)
-    return files
+WEIGHTS_DATA = "weights.data"
+WEIGHTS_INDEX = "weights.json"
+EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside their graph
+DATA_ALIGN = 4096  # every tensor starts on a page: ONNX Runtime memory-maps aligned external data directly
+NP_DTYPES = {TensorProto.FLOAT: "float32", TensorProto.UINT8: "uint8", TensorProto.INT64: "int64",
+             TensorProto.INT32: "int32", TensorProto.BOOL: "bool", TensorProto.FLOAT16: "float16"}
+
+
+def _graphs(g: onnx.GraphProto):
+    """A graph and every subgraph (If branches) below it."""
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(a.g)
+
+
+def save_shared(models: Dict[str, Callable[[], onnx.ModelProto]], out: Path) -> List[str]:
+    """Write graphs whose weights live in ONE external-data file for the whole bundle (``weights.data``).
+
+    Graphs name their initializers alike (``layers.0.attn.qkv_proj.weight`` is the same tensor in prefill,
+    extend and decode), so each name is stored once, at a page-aligned offset, and every graph's external-data
+    entry points at it; the same name with different contents is an export bug. ``weights.json`` indexes the
+    file (name -> offset, length, dtype, shape) and lists each graph's tensors (``models``: file name -> a
+    function that builds the graph); the runtime memory-maps the file once and hands every session the same
+    tensors (runtime/ort_backend.py ``SharedWeights``). Returns the file names written."""
+    tensors: Dict[str, dict] = {}
+    digests: Dict[str, bytes] = {}
+    graphs_index: Dict[str, List[str]] = {}
+
+    data_path = out / WEIGHTS_DATA
+    with open(data_path, "wb") as f:
+        for fname, build in models.items():
+            model = build()  # one graph in memory at a time
+            names = []
+            for g in _graphs(model.graph):
+                for t in g.initializer:
+                    raw = numpy_helper.to_array(t).tobytes() if not t.HasField("raw_data") else t.raw_data
+                    if len(raw) < EXTERNAL_MIN_BYTES:
+                        continue
+                    dig = hashlib.sha256(raw).digest()
+                    if t.name in tensors:
+                        if digests[t.name] != dig:
+                            raise FirstEdgeError(f"ONNX export: initializer {t.name} differs between graphs")
+                        ent = tensors[t.name]
+                    else:
+                        pad = -f.tell() % DATA_ALIGN
+                        f.write(b"\0" * pad)
+                        ent = {"offset": f.tell(), "length": len(raw), "dtype": NP_DTYPES[t.data_type],
+                               "shape": [int(d) for d in t.dims]}
+                        f.write(raw)
+                        tensors[t.name], digests[t.name] = ent, dig
+                    t.ClearField("raw_data")
+                    for fld in ("float_data", "int32_data", "int64_data"):
+                        t.ClearField(fld)
+                    del t.external_data[:]
+                    t.data_location = TensorProto.EXTERNAL
+                    for k, v in (("location", WEIGHTS_DATA), ("offset", str(ent["offset"])), ("length", str(ent["length"]))):
+                        e = t.external_data.add()
+                        e.key, e.value = k, v
+                    names.append(t.name)
+            graphs_index[fname] = sorted(set(names))
+            onnx.save_model(model, str(out / fname))
+    (out / WEIGHTS_INDEX).write_text(json.dumps({"data": WEIGHTS_DATA, "alignment": DATA_ALIGN, "tensors": tensors,
+                                                 "graphs": graphs_index}, indent=1))
+    return list(models) + [WEIGHTS_DATA, WEIGHTS_INDEX]
 
 
 # ------------------------------------------------------------------ validation
@@ -525,23 +584,26 @@ def build_graphs(fm, out_dir, *, quantize: str = "none", max_context: int = 1024
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     weights = Weights(fm, max_context)
-    files: List[str] = []
-    files += save(build_prefill(weights, bits), out / "prefill.onnx")
-    files += save(build_extend(weights, bits), out / "extend.onnx")
+    models = {"prefill.onnx": lambda: build_prefill(weights, bits), "extend.onnx": lambda: build_extend(weights, bits)}
     graphs = {"prefill": "prefill.onnx", "extend": "extend.onnx"}
     if decode_shape in ("fused", "both"):
-        files += save(build_decode_fused(weights, bits), out / "decode.onnx")
+        models["decode.onnx"] = lambda: build_decode_fused(weights, bits)
         graphs["decode"] = "decode.onnx"
     if decode_shape in ("split", "both"):
-        for name, m in build_split(weights, bits).items():
-            files += save(m, out / f"{name}.onnx")
+        split = {}
+        names = ["embed"] + [f"layer_{l}" for l in range(weights.L)] + ["head"]
+        for name in names:  # built together, saved one by one (small graphs)
+            models[f"{name}.onnx"] = (lambda n=name: (split or split.update(build_split(weights, bits)) or split).pop(n))
         graphs["split"] = {"embed": "embed.onnx", "layers": [f"layer_{l}.onnx" for l in range(weights.L)],
                            "head": "head.onnx"}
+    files = save_shared(models, out)
+    del models
     res = {
         "files": files,
         "decode_shape": decode_shape if decode_shape != "both" else DEFAULT_DECODE_SHAPE,
         "decode_shapes": ["fused", "split"] if decode_shape == "both" else [decode_shape],
         **graphs,
+        "weights_index": WEIGHTS_INDEX,  # one weights.data for every graph, shared by the sessions
         "kv_layout": "BNSH",
         "kv_cache": "shared_buffer",  # past_key_values.{l}.* and present.{l}.* are one max_context buffer
         "opset": OPSET,

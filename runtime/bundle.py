@@ -307,7 +307,7 @@ class Bundle:
         if not isinstance(named, list):
             raise FirstEdgeError("manifest graphs.files must be a list of file names")
         named = list(named)
-        for key in ("prefill", "extend", "decode"):
+        for key in ("prefill", "extend", "decode", "weights_index"):  # weights_index: the shared weights' index
             if isinstance(g.get(key), str):
                 named.append(g[key])
         split = g.get("split")

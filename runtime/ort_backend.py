@@ -8,6 +8,10 @@ touched. Every layer keeps its own length (``past_lengths``): a layer skipped fo
 an entry for it. No step copies a cache; the attention reads only the ``length`` valid entries, so
 the per-token cost grows with the tokens so far, not with max_context.
 
+Weights: one file for all graphs (``weights.data``), memory-mapped once; every session gets the same tensors
+(:class:`SharedWeights`, ``SessionOptions.add_initializer``); ``prepack=all|decode|none`` picks the sessions
+that let ONNX Runtime pre-pack their MatMul weights (docs/onnx.md, "One copy of the weights").
+
 Decode shapes (manifest ``graphs.decode_shape``):
 Chat sessions (runtime/session.py) add ``extend.onnx``: a turn's new tokens through every layer after the
 tokens already cached, written in place into the same buffers (loaded when a Session starts, or on the first
@@ -73,31 +77,137 @@ def session_options(threads: int = 2):
     return so
 
 
+# which sessions let ONNX Runtime pre-pack (copy into MLAS's layout) MatMul / Gemm / MatMulNBits weights: every
+# session, the decode session(s) only (prefill and extend read the shared tensors as they are), or none
+PREPACK = ("all", "decode", "none")
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "int32": np.int32, "int64": np.int64,
+             "bool": np.bool_}
+
+
+class SharedWeights:
+    """The bundle's one weights file (``weights.data``, indexed by ``weights.json``; export/onnx_export.py
+    ``save_shared``), memory-mapped once per backend: every tensor becomes one OrtValue over the mapping, handed
+    to each session with ``SessionOptions.add_initializer``, so prefill, extend and decode sessions read the same
+    pages instead of each loading its own copy. Nothing is copied; the pages are read from the file on demand."""
+
+    def __init__(self, root: Path, index_name: str, listed: Optional[set] = None):
+        import json
+
+        from .bundle import confined
+
+        ip = confined(root, index_name)
+        if listed is not None and index_name not in listed:
+            raise FirstEdgeError(f"the shared weights index {index_name} is not a file the manifest lists")
+        try:
+            idx = json.loads(ip.read_text())
+            data_name = idx["data"]
+            tensors, graphs = idx["tensors"], idx["graphs"]
+            if not isinstance(tensors, dict) or not isinstance(graphs, dict):
+                raise TypeError("tensors and graphs must be objects")
+        except FileNotFoundError:
+            raise FirstEdgeError(f"bundle file missing: {index_name}") from None
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise FirstEdgeError(f"shared weights index {index_name} is malformed: {first_line(e)}") from None
+        dp = confined(root, data_name)
+        if listed is not None and data_name not in listed:
+            raise FirstEdgeError(f"the shared weights file {data_name!r} is not a file the manifest lists")
+        if not dp.is_file():
+            raise FirstEdgeError(f"bundle file missing: {data_name}")
+        size = dp.stat().st_size
+        for name, t in tensors.items():
+            ok = (isinstance(t, dict) and t.get("dtype") in NP_DTYPES and isinstance(t.get("shape"), list)
+                  and all(isinstance(d, int) and d >= 0 for d in t["shape"])
+                  and isinstance(t.get("offset"), int) and isinstance(t.get("length"), int) and t["offset"] >= 0
+                  and t["length"] == int(np.prod(t["shape"], dtype=np.int64)) * np.dtype(NP_DTYPES[t["dtype"]]).itemsize
+                  and t["offset"] % np.dtype(NP_DTYPES[t["dtype"]]).itemsize == 0)
+            if not ok:
+                raise FirstEdgeError(f"shared weights index {index_name}: bad entry for tensor {name}")
+            if t["offset"] + t["length"] > size:
+                raise FirstEdgeError(f"shared weights file {data_name} is {size} bytes, too short for tensor {name} "
+                                     f"(truncated?)")
+        self.index_name, self.data_name = index_name, data_name
+        self.tensors, self.graphs = tensors, graphs
+        self.quantized = any(t["dtype"] == "uint8" for t in tensors.values())
+        self.map = np.memmap(dp, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        self.values = {}
+
+    @classmethod
+    def open(cls, root: Path, index_name, listed: Optional[set] = None) -> Optional["SharedWeights"]:
+        """None for a bundle whose graphs carry their own external data (no ``graphs.weights_index``);
+        ``listed``: the manifest's files (None when opening graphs without a manifest, at export)."""
+        if index_name is None:
+            return None
+        if not isinstance(index_name, str) or not index_name:
+            raise FirstEdgeError(f"manifest graphs.weights_index must name a file, got {index_name!r}")
+        return cls(Path(root), index_name, listed)
+
+    def value(self, name: str):
+        """The one OrtValue of a tensor (a view of the mapping; created on first use)."""
+        v = self.values.get(name)
+        if v is None:
+            import onnxruntime as ort
+
+            t = self.tensors[name]
+            dt = NP_DTYPES[t["dtype"]]
+            arr = self.map[t["offset"]:t["offset"] + t["length"]].view(dt).reshape(t["shape"])
+            v = self.values[name] = ort.OrtValue.ortvalue_from_numpy(arr)
+        return v
+
+    def release(self):
+        """Drop the mapping's resident pages (``madvise(MADV_DONTNEED)``; the file and its page cache stay): a
+        session that pre-packs has read its MatMul weights once to pack them and never reads them again, so
+        their pages need not stay in the process. Whatever a session does read later (norms, embedding rows,
+        weights of a session that does not pre-pack) is faulted back in from the file on demand."""
+        import mmap
+
+        mm = getattr(self.map, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except OSError:  # an optimisation only
+                pass
+
+    def add_to(self, so, graph_file: str):
+        """Hand a session (its SessionOptions) the shared tensors of one graph file."""
+        g = self.graphs.get(graph_file)
+        if not isinstance(g, list):
+            raise FirstEdgeError(f"shared weights index {self.index_name} does not list the tensors of {graph_file}")
+        for name in g:
+            if not isinstance(name, str) or name not in self.tensors:
+                raise FirstEdgeError(f"shared weights index {self.index_name}: {graph_file} uses {name!r}, "
+                                     f"which it does not locate")
+            so.add_initializer(name, self.value(name))
+
+
 class OrtBackend:
     """Backend protocol of runtime.loop: ``prefill(ids, threshold)`` and ``decode(token, position, mask)``."""
 
     def __init__(self, bundle, threads: int = 2, decode_shape: Optional[str] = None, profile: Optional[str] = None,
-                 **opts):
+                 prepack: Optional[str] = None, **opts):
         if opts:
             raise FirstEdgeError(f"unknown ONNX Runtime backend option(s): {', '.join(sorted(opts))} "
-                                 f"(known: decode_shape=fused|split, profile=DIR)")
+                                 f"(known: decode_shape=fused|split, profile=DIR, prepack={'|'.join(PREPACK)})")
         dims = Dims.from_model(bundle.model)
         graphs = bundle.graphs
+        self._listed = set(bundle.manifest.get("files") or {})  # the shared weights file must be one of them
         io = check_io(graphs.get("io"), "onnxruntime", dims, _shapes(graphs))
-        self._init(bundle.path, graphs, dims, io, threads=int(threads), decode_shape=decode_shape, profile=profile)
+        self._init(bundle.path, graphs, dims, io, threads=int(threads), decode_shape=decode_shape, profile=profile,
+                   prepack=prepack)
 
     @classmethod
     def from_dir(cls, path, graphs: dict, dims: Dims, threads: int = 2,
-                 decode_shape: Optional[str] = None, profile: Optional[str] = None) -> "OrtBackend":
+                 decode_shape: Optional[str] = None, profile: Optional[str] = None,
+                 prepack: Optional[str] = None) -> "OrtBackend":
         """Open graphs without a manifest (export validation): the I/O is the contract's."""
         self = cls.__new__(cls)
         io = graph_io("onnxruntime", dims, _shapes(graphs))
-        self._init(Path(path), graphs, dims, io, threads=threads, decode_shape=decode_shape, profile=profile)
+        self._init(Path(path), graphs, dims, io, threads=threads, decode_shape=decode_shape, profile=profile,
+                   prepack=prepack)
         return self
 
     # ------------------------------------------------------------------ loading
     def _init(self, path: Path, graphs: dict, dims: Dims, io: dict, threads: int, decode_shape: Optional[str],
-              profile: Optional[str]):
+              profile: Optional[str], prepack: Optional[str] = None):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -117,10 +227,14 @@ class OrtBackend:
                                  f"rebuild with --opt decode_shape={shape} or both")
         self.decode_shape = shape
         self.profile = profile
-        self._extend_file = graphs.get("extend", "extend.onnx")
-        self.extend_sess = None  # loaded on a session's second turn (it holds its own copy of the weights)
         self._sessions = []
-        self.prefill_sess = self._session(graphs.get("prefill", "prefill.onnx"), profile=False)
+        self.shared = SharedWeights.open(self.path, graphs.get("weights_index"), getattr(self, "_listed", None))
+        self.prepack = prepack or self._default_prepack()
+        if self.prepack not in PREPACK:
+            raise FirstEdgeError(f"prepack must be one of {', '.join(PREPACK)}, got {self.prepack!r}")
+        self._extend_file = graphs.get("extend", "extend.onnx")
+        self.extend_sess = None  # loaded when a chat session starts (its weights are the shared ones)
+        self.prefill_sess = self._session(graphs.get("prefill", "prefill.onnx"), profile=False, decode=False)
         self._check(self.prefill_sess, "prefill", graphs.get("prefill", "prefill.onnx"))
         self._prefill_out = [o.name for o in self.prefill_sess.get_outputs()]
         # KV buffers: allocated once, written in place by the decode graphs
@@ -156,7 +270,13 @@ class OrtBackend:
             self._check(self.head_sess, "head", sp.get("head", "head.onnx"))
             self._bind_split()
 
-    def _session(self, name: str, profile: bool):
+    def _default_prepack(self) -> str:
+        """fp32 weights: "decode" (measured, docs/onnx.md); graphs with MatMulNBits need their packed layout in
+        every session (unpacked they are dequantized on every call): "all"; so do bundles without one shared
+        weights file (each session loads its own copy anyway)."""
+        return "all" if self.shared is None or self.shared.quantized else "decode"
+
+    def _session(self, name: str, profile: bool, decode: bool = True):
         ort = self.ort
         if not isinstance(name, str) or not name:
             raise FirstEdgeError(f"manifest names a graph file {name!r}, not a file name")
@@ -164,6 +284,13 @@ class OrtBackend:
         if not f.is_file():
             raise FirstEdgeError(f"bundle file missing: {name}")
         so = session_options(self.threads)
+        packs = self.prepack == "all" or (self.prepack == "decode" and decode)
+        if not packs:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        if self.shared is not None:
+            # every session reads the same memory-mapped tensors (also those it pre-packs: measured, leaving them
+            # to ONNX Runtime's own per-session mapping keeps more resident; docs/onnx.md)
+            self.shared.add_to(so, name)
         if _GLOBAL_POOL["threads"] not in (-1, self.threads):
             import warnings
 
@@ -176,6 +303,8 @@ class OrtBackend:
             s = ort.InferenceSession(str(f), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001  (ORT raises several exception types for a bad file)
             raise FirstEdgeError(f"cannot load graph {name} (corrupt or truncated?): {first_line(e)}") from None
+        if packs and self.shared is not None:
+            self.shared.release()
         self._sessions.append(s)
         return s
 
@@ -275,7 +404,7 @@ class OrtBackend:
     def load_extend(self) -> None:
         """Load the extend graph now (a chat session does, so its second turn does not pay for it)."""
         if self.extend_sess is None:
-            self.extend_sess = self._session(self._extend_file, profile=False)
+            self.extend_sess = self._session(self._extend_file, profile=False, decode=False)
             self._check(self.extend_sess, "extend", self._extend_file)
 
     def extend(self, input_ids: np.ndarray, past_length: int):
@@ -349,6 +478,8 @@ class OrtBackend:
 
     def close(self):
         self._sessions.clear()
-        for a in ("prefill_sess", "extend_sess", "decode_sess", "embed_sess", "layer_sess", "head_sess", "_binding"):
+        for a in ("prefill_sess", "extend_sess", "decode_sess", "embed_sess", "layer_sess", "head_sess", "_binding",
+                  "_embed_b", "_layer_b", "_head_b"):
             if hasattr(self, a):
                 delattr(self, a)
+        self.shared = None  # the mapping goes once no session holds its tensors

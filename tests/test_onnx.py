@@ -314,19 +314,21 @@ def _load(d):
 
 def test_bad_bundle_missing_file(bundle_dir, tmp_path):
     d = _copy(bundle_dir, tmp_path)
-    (d / "decode.onnx.data").unlink()
-    with pytest.raises(FirstEdgeError, match="bundle file missing: decode.onnx.data"):
+    (d / "weights.data").unlink()
+    with pytest.raises(FirstEdgeError, match="bundle file missing: weights.data") as e:
         _load(d)
+    assert "\n" not in str(e.value)
 
 
 def test_bad_bundle_hash_mismatch(bundle_dir, tmp_path):
     d = _copy(bundle_dir, tmp_path)
-    f = d / "prefill.onnx.data"
+    f = d / "weights.data"
     data = bytearray(f.read_bytes())
     data[100] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(FirstEdgeError, match="prefill.onnx.data does not match its sha256"):
+    with pytest.raises(FirstEdgeError, match="weights.data does not match its sha256") as e:
         _load(d)
+    assert "\n" not in str(e.value)
 
 
 def test_bad_bundle_unknown_version(bundle_dir, tmp_path):
@@ -380,7 +382,7 @@ def _rename_entry(m, old, new):
     ("symlink_listed", "bundle file tokenizer.json leaves the bundle folder"),
     ("symlink_unlisted", "bundle folder holds a link that leaves it: extra.data"),
     ("graph_not_listed", "manifest does not list the required file ../decode.onnx"),
-    ("external_data_not_listed", "graph decode.onnx reads external data 'decode.onnx.data' that the manifest does not list"),
+    ("external_data_not_listed", "graph decode.onnx reads external data 'weights.data' that the manifest does not list"),
     ("entry_malformed", "manifest entry of report.md must be"),
 ])
 def test_bad_bundle_file_access_is_confined(bundle_dir, tmp_path, case, match):
@@ -402,7 +404,7 @@ def test_bad_bundle_file_access_is_confined(bundle_dir, tmp_path, case, match):
     elif case == "graph_not_listed":
         _edit_manifest(d, lambda m: m["graphs"].update(decode="../decode.onnx"))
     elif case == "external_data_not_listed":
-        _edit_manifest(d, lambda m: (m["files"].pop("decode.onnx.data"), m["graphs"]["files"].remove("decode.onnx.data")))
+        _edit_manifest(d, lambda m: (m["files"].pop("weights.data"), m["graphs"]["files"].remove("weights.data")))
     elif case == "entry_malformed":
         _edit_manifest(d, lambda m: m["files"].update({"report.md": "0" * 64}))
     with pytest.raises(FirstEdgeError, match=re.escape(match) if "'" in match else match) as e:
@@ -413,8 +415,127 @@ def test_bad_bundle_file_access_is_confined(bundle_dir, tmp_path, case, match):
 def test_onnx_external_locations_reads_every_graph(bundle_dir):
     from runtime.bundle import onnx_external_locations
 
-    assert onnx_external_locations(Path(bundle_dir) / "decode.onnx") == {"decode.onnx.data"}
-    assert onnx_external_locations(Path(bundle_dir) / "layer_2.onnx") == {"layer_2.onnx.data"}
+    for f in ("prefill.onnx", "extend.onnx", "decode.onnx", "layer_2.onnx", "head.onnx"):
+        assert onnx_external_locations(Path(bundle_dir) / f) == {"weights.data"}, f
+
+
+# ---------------------------------------------------------------- one copy of the weights (issue 15)
+def _ext(t):
+    return {e.key: e.value for e in t.external_data}
+
+
+def test_bundle_stores_each_weight_once(bundle_dir):
+    """Every graph's external initializers point into the one weights.data; a name shared by several graphs is
+    one region of the file (same offset), and the index agrees with the graphs."""
+    import onnx
+
+    from export.onnx_export import _graphs
+
+    d = Path(bundle_dir)
+    idx = json.loads((d / "weights.json").read_text())
+    assert idx["data"] == "weights.data" and "weights.json" in Bundle(d).manifest["graphs"]["files"]
+    seen = {}
+    for f in ["prefill.onnx", "extend.onnx", "decode.onnx", "embed.onnx", "head.onnx"] + [f"layer_{l}.onnx" for l in range(6)]:
+        m = onnx.load(str(d / f), load_external_data=False)
+        names = set()
+        for g in _graphs(m.graph):
+            for t in g.initializer:
+                if t.data_location == onnx.TensorProto.EXTERNAL:
+                    e = _ext(t)
+                    assert e["location"] == "weights.data"
+                    region = (int(e["offset"]), int(e["length"]))
+                    assert seen.setdefault(t.name, region) == region, t.name
+                    assert (idx["tensors"][t.name]["offset"], idx["tensors"][t.name]["length"]) == region
+                    names.add(t.name)
+        assert names == set(idx["graphs"][f]), f
+    # the graphs share names: the layer weights are in prefill, extend, decode and layer_l alike
+    for f in ("prefill.onnx", "extend.onnx", "decode.onnx", "layer_0.onnx"):
+        assert "layers.0.attn.qkv_proj.weight" in idx["graphs"][f]
+    regions = sorted(seen.values())
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(regions, regions[1:]))  # no tensor stored twice or overlapping
+    assert (d / "weights.data").stat().st_size == regions[-1][0] + regions[-1][1]
+    assert all(off % idx["alignment"] == 0 for off, _ in regions)
+
+
+@pytest.mark.parametrize("prepack", ["none", "decode", "all"])
+def test_sessions_share_one_weights_buffer(bundle_dir, ref_model, prepack):
+    """Prefill, extend and decode sessions read the same OrtValues over one memory map of weights.data (whichever
+    sessions pre-pack), and the results are still the reference's."""
+    from runtime.ort_backend import OrtBackend
+
+    be = OrtBackend(Bundle(bundle_dir), threads=2, decode_shape="fused", prepack=prepack)
+    be.load_extend()
+    sw = be.shared
+    idx = json.loads((Path(bundle_dir) / "weights.json").read_text())
+    assert set(sw.values) == {n for g in ("prefill.onnx", "extend.onnx", "decode.onnx") for n in idx["graphs"][g]}
+    assert len(sw.values) == len({id(v) for v in sw.values.values()})  # one OrtValue per tensor, for every session
+    base = sw.map.ctypes.data
+    for n, v in sw.values.items():  # each OrtValue is a view of the one mapping (no copy)
+        assert v.data_ptr() == base + sw.tensors[n]["offset"], n
+    fm, _ = ref_model
+    ids = rand_ids(9, 1)
+    cfg = SamplingConfig(max_new_tokens=5, ignore_eos=True)
+    mask = np.array([1, 0, 1, 1, 0, 1], bool)
+    ref = generate(TorchBackend(fm, MAX_CTX), ids, cfg, mask=mask, keep_logits=True)
+    got = generate(be, ids, cfg, mask=mask, keep_logits=True)
+    assert got.tokens == ref.tokens
+    assert np.abs(np.stack(got.step_logits) - np.stack(ref.step_logits)).max() < 1e-3
+    from export.onnx_export import check_extend
+
+    assert check_extend(TorchBackend(fm, MAX_CTX), be, np.array(ids), mask, 3, np.random.default_rng(0), VOCAB) < 1e-2
+    be.close()
+
+
+def test_bad_prepack_option(bundle_dir):
+    with pytest.raises(FirstEdgeError, match="prepack must be one of all, decode, none"):
+        backend(bundle_dir, "fused", prepack="some")
+
+
+@pytest.mark.parametrize("case,match", [
+    ("truncated", r"weights.data has \d+ bytes, the manifest says \d+ \(truncated or modified\)"),
+    ("truncated_rehashed", "shared weights file weights.data is .* too short for tensor"),
+    ("index_missing", "bundle file missing: weights.json"),
+    ("index_malformed", "shared weights index weights.json is malformed"),
+    ("index_bad_entry", "shared weights index weights.json: bad entry for tensor"),
+    ("index_outside", "manifest does not list the required file ../weights.json"),
+    ("index_not_listed", "manifest does not list the required file weights.json"),
+    ("data_not_listed", "the shared weights file 'other.data' is not a file the manifest lists"),
+])
+def test_bad_shared_weights_are_refused(bundle_dir, tmp_path, case, match):
+    d = _copy(bundle_dir, tmp_path)
+    f, ix = d / "weights.data", d / "weights.json"
+
+    def rehash(m, name):
+        m["files"][name] = {"sha256": sha256_file(d / name), "bytes": (d / name).stat().st_size}
+
+    if case.startswith("truncated"):
+        f.write_bytes(f.read_bytes()[:-4096])
+        if case == "truncated_rehashed":
+            _edit_manifest(d, lambda m: rehash(m, "weights.data"))
+    elif case == "index_missing":
+        ix.unlink()
+    elif case in ("index_malformed", "index_bad_entry"):
+        if case == "index_malformed":
+            ix.write_text("{\"data\": 1")
+        else:
+            j = json.loads(ix.read_text())
+            t = next(iter(j["tensors"].values()))
+            t["length"] += 4
+            ix.write_text(json.dumps(j))
+        _edit_manifest(d, lambda m: rehash(m, "weights.json"))
+    elif case == "index_outside":
+        _edit_manifest(d, lambda m: m["graphs"].update(weights_index="../weights.json"))
+    elif case == "index_not_listed":
+        _edit_manifest(d, lambda m: (m["files"].pop("weights.json"), m["graphs"]["files"].remove("weights.json")))
+    elif case == "data_not_listed":  # the index names another (unlisted) data file; the graphs do not read it
+        (d / "other.data").write_bytes(f.read_bytes())
+        j = json.loads(ix.read_text())
+        j["data"] = "other.data"
+        ix.write_text(json.dumps(j))
+        _edit_manifest(d, lambda m: rehash(m, "weights.json"))
+    with pytest.raises(FirstEdgeError, match=match) as e:
+        _load(d)
+    assert "\n" not in str(e.value)
 
 
 def test_bad_bundle_truncated_onnx(bundle_dir, tmp_path):
