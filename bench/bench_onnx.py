@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,68 @@ def child(args):
     be = OrtBackend(b, threads=args.threads, decode_shape=args.shape)
     print(json.dumps(measure_bundle(be, b, args.new_tokens, args.runs, mask=args.mask, keep=args.keep,
                                     threshold=args.threshold)))
+
+
+def memory_child(args):
+    """Peak-RSS configuration: load the bundle, generate ``--new-tokens`` greedy tokens (EOS ignored) for the
+    benchmark prompt, and with ``--chat`` a second chat turn (the extend graph loaded on first use) of as many
+    tokens; prints one JSON line (``/usr/bin/time -v`` in the parent reads the peak)."""
+    from common import USER_MSG, peak_rss_mb
+    from runtime.bundle import Bundle
+    import numpy as np
+
+    from runtime.loop import SamplingConfig, generate
+    from runtime.ort_backend import OrtBackend
+    from runtime.session import Session
+    from runtime.tokenizer import BundleTokenizer
+
+    b = Bundle(args.bundle)
+    opts = dict(kv.split("=", 1) for kv in args.backend_opt)
+    be = OrtBackend(b, threads=args.threads, decode_shape=args.shape, **opts)
+    out = {"loaded_rss_mb": round(peak_rss_mb(), 1)}
+    tok = BundleTokenizer(b)
+    cfg = SamplingConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
+    if not args.chat:  # single-turn generation: prefill and decode graphs only
+        r = generate(be, tok.encode_prompt(USER_MSG), cfg, default_threshold=b.default_threshold, mask=np.ones(b.n_layers, bool))
+        out.update(turn1_tok_s=round(r.decode_tokens_per_s, 2), turn1_prefill_ms=round(r.prefill_ms, 1), text=tok.decode(r.tokens)[:60])
+    else:  # a chat session (loads the extend graph when it starts), two turns
+        s = Session.from_bundle(b, be, tok)
+        for turn in range(2):
+            r = s.chat(USER_MSG if turn == 0 else "Now say it again in one sentence.", cfg, mask=np.ones(b.n_layers, bool))
+            out[f"turn{turn + 1}_tok_s"] = round(r.result.decode_tokens_per_s, 2)
+            out[f"turn{turn + 1}_prefill_ms"] = round(r.result.prefill_ms, 1)
+        out["text"] = r.reply[:60]
+    out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    print(json.dumps(out))
+
+
+def memory(args):
+    """``--memory``: peak RSS of each bundle (``--bundles``) generating ``--new-tokens`` tokens, one turn and two
+    chat turns (the second loads the extend graph), each in its own child under ``/usr/bin/time -v``."""
+    from common import timed_child
+
+    rows = []
+    for spec in args.bundles.split(","):
+        bundle, *opts = spec.split(":")  # dist/NAME[:opt=value[:opt=value]]
+        for chat in (False, True):
+            cmd = [sys.executable, Path(__file__).resolve(), "--memory-child", "--bundle", bundle, "--shape",
+                   args.shape, "--threads", args.threads, "--new-tokens", args.new_tokens]
+            cmd += [x for o in opts for x in ("--backend-opt", o)] + (["--chat"] if chat else [])
+            d = timed_child(cmd, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+            d["name"] = f"{Path(bundle).name}{' ' + ' '.join(opts) if opts else ''}, {'2 chat turns' if chat else '1 turn'}"
+            rows.append(d)
+            print(json.dumps(d), file=sys.stderr)
+    print(f"\n## Peak RSS ({time.strftime('%Y-%m-%d %H:%M')}, {args.threads} threads, {args.new_tokens} tokens a turn)\n")
+    print("| configuration | peak RSS after loading MB | peak RSS MB | prefill ms (turn 1 / 2) | decode tok/s (turn 1 / 2) | load |\n"
+          "|---|---:|---:|---|---|---:|")
+    for d in rows:
+        if "error" in d:
+            print(f"| {d['name']} | error: {d['error']} | | |")
+        else:
+            two = "turn2_tok_s" in d
+            print(f"| {d['name']} | {d['loaded_rss_mb']:.0f} | **{d['peak_rss_mb']:.0f}** | {d.get('turn1_prefill_ms')}"
+                  f"{' / ' + str(d['turn2_prefill_ms']) if two else ''} | {d.get('turn1_tok_s')}"
+                  f"{' / ' + str(d['turn2_tok_s']) if two else ''} | {d['load_before']} |")
 
 
 # ------------------------------------------------------------------ parent
@@ -85,6 +148,13 @@ def peer(name, args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--backend-opt", action="append", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--memory", action="store_true",
+                    help="peak RSS of --bundles (one turn, and two chat turns) instead of the speed table")
+    ap.add_argument("--bundles", help="--memory: comma-separated bundle folders, each optionally "
+                                      "followed by :opt=value backend options")
     ap.add_argument("--bundle")
     ap.add_argument("--shape", default="fused")
     ap.add_argument("--mask")
@@ -100,6 +170,10 @@ def main():
     args = ap.parse_args()
     if args.child:
         return child(args)
+    if args.memory_child:
+        return memory_child(args)
+    if args.memory:
+        return memory(args)
 
     rows = []
     tag = bundle_tag(args.model, args.run)
