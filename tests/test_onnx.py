@@ -28,36 +28,6 @@ def rand_ids(n, seed):
     return torch.randint(5, VOCAB, (n,), generator=g).tolist()
 
 
-@pytest.fixture(scope="session")
-def run_dir(tiny_dir, tmp_path_factory):
-    """A run folder with hand-set routers (mixed masks at threshold 0.5) and a pinned layer."""
-    from export.model import build_first_model
-
-    fm, _ = build_first_model(str(tiny_dir), verbose=False)
-    randomize_routers(fm, seed=3)
-    fm.set_pinned([0])
-    d = tmp_path_factory.mktemp("run")
-    fm.save_routers(d)
-    return d
-
-
-@pytest.fixture(scope="session")
-def ref_model(tiny_dir, run_dir):
-    from export.model import build_first_model
-
-    return build_first_model(str(tiny_dir), str(run_dir), verbose=False)
-
-
-@pytest.fixture(scope="session")
-def bundle_dir(tiny_dir, run_dir, tmp_path_factory):
-    """One fp32 bundle with both decode shapes, built once through export.build."""
-    from export.build import build
-
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    return build("rpi", out, model=str(tiny_dir), run=str(run_dir), max_context=MAX_CTX, verbose=False,
-                 decode_shape="both")
-
-
 def backend(bundle_dir, shape, **kw):
     from runtime.ort_backend import OrtBackend
 

@@ -32,31 +32,8 @@ OPTS = [{}, {"keep": 4}, {"mask": np.array([1, 0, 1, 0, 1, 1], bool)}, {"keep": 
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_dir, tmp_path_factory):
-    from export.model import build_first_model
-    from helpers import randomize_routers
-
-    fm, _ = build_first_model(str(tiny_dir), verbose=False)
-    randomize_routers(fm, seed=3)
-    fm.set_pinned([0])
-    d = tmp_path_factory.mktemp("session_run")
-    fm.save_routers(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def ref_model(tiny_dir, run_dir):
-    from export.model import build_first_model
-
-    return build_first_model(str(tiny_dir), str(run_dir), verbose=False)[0]
-
-
-@pytest.fixture(scope="module")
-def ort_bundle(tiny_dir, run_dir, tmp_path_factory):
-    from export.build import build
-
-    return build("rpi", tmp_path_factory.mktemp("session_bundles") / "tiny", model=str(tiny_dir), run=str(run_dir),
-                 max_context=MAX_CTX, verbose=False, decode_shape="both")
+def fm(ref_model):
+    return ref_model[0]  # the tiny model with the routers of conftest's ONNX bundle (bundle_dir)
 
 
 def _kv(backend, l: int, E: int):
@@ -103,9 +80,9 @@ def run_conversation(backend, fm, session, max_new=6):
 
 
 @pytest.fixture(scope="module")
-def reference_conversation(ref_model, ort_bundle):
-    be = TorchBackend(ref_model, MAX_CTX)
-    return run_conversation(be, ref_model, Session.from_bundle(Bundle(ort_bundle), be))
+def reference_conversation(fm, bundle_dir):
+    be = TorchBackend(fm, MAX_CTX)
+    return run_conversation(be, fm, Session.from_bundle(Bundle(bundle_dir), be))
 
 
 def test_reference_session_is_exact(reference_conversation):
@@ -114,14 +91,14 @@ def test_reference_session_is_exact(reference_conversation):
 
 
 @pytest.mark.parametrize("shape", ["fused", "split"])
-def test_onnx_session_is_exact_and_matches_reference(ort_bundle, ref_model, reference_conversation, shape):
+def test_onnx_session_is_exact_and_matches_reference(bundle_dir, fm, reference_conversation, shape):
     from runtime.ort_backend import OrtBackend
 
-    bundle = Bundle(ort_bundle)
+    bundle = Bundle(bundle_dir)
     # the tiny template's pieces (tests/helpers.py); its word-level tokenizer reads the tags as unknown words
     assert bundle.manifest["chat"]["turn_prefix"] == " </s> <|user|> " and bundle.chat_ids("turn_prefix")[0] == 2
     be = OrtBackend(bundle, threads=2, decode_shape=shape)
-    assert run_conversation(be, ref_model, Session.from_bundle(bundle, be)) == reference_conversation
+    assert run_conversation(be, fm, Session.from_bundle(bundle, be)) == reference_conversation
 
 
 def test_executorch_session_is_exact_and_matches_reference():
@@ -137,13 +114,13 @@ def test_executorch_session_is_exact_and_matches_reference():
     assert be.prog.method_calls["extend"] == 3 and be.prog.method_calls["prefill"] == 1
 
 
-def test_end_of_turn_stop_excludes_the_stop_token(ref_model):
-    be = TorchBackend(ref_model, MAX_CTX)
-    s = _session(be, ref_model)
+def test_end_of_turn_stop_excludes_the_stop_token(fm):
+    be = TorchBackend(fm, MAX_CTX)
+    s = _session(be, fm)
     free = s.chat(TURNS[0], SamplingConfig(max_new_tokens=6, ignore_eos=True))
     toks = free.result.tokens
     stop = next(t for t in toks[1:] if t != toks[0])  # a token the reply produces after its first
-    s2 = Session(be, prefix=[3], suffix=[4], turn_prefix=[2, 3], eos_ids=[stop], pinned=ref_model.pinned)
+    s2 = Session(be, prefix=[3], suffix=[4], turn_prefix=[2, 3], eos_ids=[stop], pinned=fm.pinned)
     r = s2.chat(TURNS[0], SamplingConfig(max_new_tokens=6))
     assert r.result.stop_reason == "eos" and stop not in r.reply_ids
     assert r.reply_ids == toks[:toks.index(stop)]
@@ -151,9 +128,9 @@ def test_end_of_turn_stop_excludes_the_stop_token(ref_model):
     assert r2.prefilled_tokens == len(r.reply_ids) + 2 + len(TURNS[1]) + 1
 
 
-def test_context_full_error_and_trimming(ref_model):
-    be = TorchBackend(ref_model, MAX_CTX)
-    s = _session(be, ref_model)
+def test_context_full_error_and_trimming(fm):
+    be = TorchBackend(fm, MAX_CTX)
+    s = _session(be, fm)
     long_turn = list(range(5, 25))  # 20 tokens
     cfg = SamplingConfig(max_new_tokens=4, ignore_eos=True)
     s.chat(long_turn, cfg)
@@ -167,27 +144,27 @@ def test_context_full_error_and_trimming(ref_model):
     hist = s.history
     assert hist[:1] == [3] and len(hist) < MAX_CTX
     with torch.inference_mode():
-        _, _, _, ks, _ = ref_model.prefill(torch.tensor([hist], dtype=torch.int64))
-    for l in range(ref_model.n_layers):
+        _, _, _, ks, _ = fm.prefill(torch.tensor([hist], dtype=torch.int64))
+    for l in range(fm.n_layers):
         np.testing.assert_allclose(_kv(be, l, len(hist))[0], ks[l].numpy(), atol=KV_ATOL)
-    one = generate(TorchBackend(ref_model, MAX_CTX), hist, cfg, mask=r.result.mask)
+    one = generate(TorchBackend(fm, MAX_CTX), hist, cfg, mask=r.result.mask)
     assert r.reply_ids == one.reply_tokens([2])
     with pytest.raises(FirstEdgeError, match="the user turn needs 66 tokens with the chat template, more than the context"):
         s.chat(list(range(5, 69)), cfg, trim=True)
     # bad options are refused before anything runs, also when the turn would trim (the cache is untouched)
-    kv0 = [_kv(be, l, len(hist))[0].copy() for l in range(ref_model.n_layers)]
+    kv0 = [_kv(be, l, len(hist))[0].copy() for l in range(fm.n_layers)]
     for bad, match in (({"keep": 99}, "keep"), ({"mask": np.ones(3, bool)}, "layer mask has length 3"),
                        ({"threshold": 0.5, "keep": 2}, "not both")):
         with pytest.raises(FirstEdgeError, match=match):
             s.chat(long_turn, cfg, trim=True, **bad)
         assert s.history == hist and all(np.array_equal(_kv(be, l, len(hist))[0], kv0[l])
-                                         for l in range(ref_model.n_layers))
+                                         for l in range(fm.n_layers))
     assert s.chat([7, 8], cfg).turn == 4  # still usable
 
 
-def test_reset_and_bad_input(ref_model):
-    be = TorchBackend(ref_model, MAX_CTX)
-    s = _session(be, ref_model)
+def test_reset_and_bad_input(fm):
+    be = TorchBackend(fm, MAX_CTX)
+    s = _session(be, fm)
     first = s.chat(TURNS[0], SamplingConfig(max_new_tokens=5)).reply_ids
     s.chat(TURNS[1], SamplingConfig(max_new_tokens=5))
     s.reset()
@@ -200,9 +177,9 @@ def test_reset_and_bad_input(ref_model):
     assert s.chat(TURNS[1], SamplingConfig(max_new_tokens=5)).turn == 2
 
 
-def test_template_without_turn_prefix_is_refused(ref_model):
+def test_template_without_turn_prefix_is_refused(fm):
     with pytest.raises(FirstEdgeError, match="cannot continue a conversation"):
-        Session(TorchBackend(ref_model, MAX_CTX), prefix=[3], suffix=[4], turn_prefix=None, eos_ids=[2])
+        Session(TorchBackend(fm, MAX_CTX), prefix=[3], suffix=[4], turn_prefix=None, eos_ids=[2])
 
 
 def _cli(args, **kw):
@@ -211,20 +188,20 @@ def _cli(args, **kw):
                           cwd=str(ROOT), timeout=120, **kw)
 
 
-def test_cli_chat_script(ort_bundle, tmp_path):
+def test_cli_chat_script(bundle_dir, tmp_path):
     script = tmp_path / "turns.txt"
     script.write_text("w5 w6 w7\n\nw8 w9\nw10 w11 w12 w13\n")
-    p = _cli(["--bundle", str(ort_bundle), "--chat", "--script", str(script), "--max-new-tokens", "4", "--json"])
+    p = _cli(["--bundle", str(bundle_dir), "--chat", "--script", str(script), "--max-new-tokens", "4", "--json"])
     assert p.returncode == 0, p.stderr
     rows = [json.loads(x) for x in p.stdout.strip().splitlines()]
     assert [r["turn"] for r in rows] == [1, 2, 3]
     assert rows[0]["reused_tokens"] == 0 and 0 < rows[1]["reused_tokens"] < rows[2]["reused_tokens"]
     assert all(r["reply_tokens"] == len(r["reply_ids"]) for r in rows)
-    p = _cli(["--bundle", str(ort_bundle), "--chat", "--script", str(script), "--max-new-tokens", "4"])
+    p = _cli(["--bundle", str(bundle_dir), "--chat", "--script", str(script), "--max-new-tokens", "4"])
     assert p.returncode == 0 and p.stderr.count("reused") == 3 and "turn 3 | reused" in p.stderr, p.stderr
-    p = _cli(["--bundle", str(ort_bundle), "--chat", "--script", str(tmp_path / "missing.txt")])
+    p = _cli(["--bundle", str(bundle_dir), "--chat", "--script", str(tmp_path / "missing.txt")])
     assert p.returncode == 2 and "cannot read the chat script" in p.stderr and "Traceback" not in p.stderr
-    p = _cli(["--bundle", str(ort_bundle), "--prompt", "w5", "--script", str(script)])
+    p = _cli(["--bundle", str(bundle_dir), "--prompt", "w5", "--script", str(script)])
     assert p.returncode == 2 and "--script and --trim go with --chat" in p.stderr
-    p = _cli(["--bundle", str(ort_bundle), "--chat"], input="w5 w6\n/reset\nw7\n/exit\n")
+    p = _cli(["--bundle", str(bundle_dir), "--chat"], input="w5 w6\n/reset\nw7\n/exit\n")
     assert p.returncode == 0 and p.stderr.count("turn 1 |") == 2 and "[session reset]" in p.stderr, p.stderr
