@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from runtime.errors import FirstEdgeError
 from runtime.graph_io import SYMBOLS, TensorSpec, graph_io, model_dims
 
-from .model import FirstModel, rotate_half
+from .model import FirstModel
 
 PTE_NAME = "model.pte"
 QUANTIZE = ("none", "8da4w")
