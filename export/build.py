@@ -1,7 +1,7 @@
 """Build a deployable bundle (DESIGN.md section 3).
 
     python -m export.build --target rpi|android [--model DIR] [--run runs/NAME] [--quantize ...] --out dist/NAME
-                           [--sign-key FILE]
+                           [--sign-key FILE] [--quant-algo rtn|hqq|gptq --data DIR]
 
 ``--target rpi`` writes ONNX graphs for ONNX Runtime (export/onnx_export.py); ``--target android``
 writes one ExecuTorch ``model.pte`` (export/et_export.py). Both share the manifest, tokenizer,
@@ -9,6 +9,8 @@ chat prefix/suffix and report written here. Each target module validates its gra
 PyTorch reference before the manifest is written. ``--sign-key FILE`` also writes ``manifest.sig``, the
 HMAC-SHA256 of manifest.json under the key file's raw bytes (a device with the same key as its trusted key
 refuses bundles that do not carry it: runtime/bundle.py).
+``--quant-algo`` (rpi, ``--quantize int4``; same as ``--opt quant_algo=...``) picks how the 4-bit weights are computed
+(export/quantize_onnx.py); ``gptq`` calibrates on the train split of the task data folder ``--data DIR``.
 """
 from __future__ import annotations
 
@@ -80,8 +82,9 @@ def write_common(fm, tok, out: Path, run: Optional[str]) -> dict:
 
 
 def build(target: str, out, model: Optional[str] = None, run: Optional[str] = None, quantize: str = "none",
-          max_context: int = DEFAULT_MAX_CONTEXT, verbose: bool = True, sign_key=None, **opts) -> Path:
-    """``sign_key``: a key file path (or the key's bytes) to sign the bundle with (manifest.sig)."""
+          max_context: int = DEFAULT_MAX_CONTEXT, verbose: bool = True, sign_key=None, data=None, **opts) -> Path:
+    """``sign_key``: a key file path (or the key's bytes) to sign the bundle with (manifest.sig). ``data``: the task
+    data folder whose train split calibrates ``quant_algo=gptq`` (rpi)."""
     from .model import build_first_model
 
     key = None
@@ -95,7 +98,22 @@ def build(target: str, out, model: Optional[str] = None, run: Optional[str] = No
     if quantize not in qchoices:
         raise FirstEdgeError(f"--quantize {quantize} is not available for --target {target} "
                              f"(choose from {', '.join(qchoices)})")
+    algo = opts.get("quant_algo")
+    if algo is not None:  # checked before the (long) build
+        if target != "rpi":
+            raise FirstEdgeError(f"--quant-algo is for --target rpi (--target {target} has its own --quantize schemes)")
+        from .quantize_onnx import check_algo
+        from .onnx_export import QUANT_BITS
+
+        check_algo(algo, QUANT_BITS[quantize], calibration=data if algo == "gptq" else None)
+        if data is not None and not Path(data).is_dir():
+            raise FirstEdgeError(f"--data {data}: no such folder")
     fm, tok = build_first_model(model, run, verbose=verbose)
+    if algo == "gptq":
+        from .data import end_of_turn_id
+        from .quantize_onnx import calibration_ids
+
+        opts["calibration"] = calibration_ids(data, tok, end_of_turn_id(tok, fm.cfg))
     mpe = getattr(fm.cfg, "max_position_embeddings", None)
     if mpe and max_context > mpe:
         raise FirstEdgeError(f"--max-context {max_context} exceeds the model's {mpe} positions")
@@ -160,12 +178,17 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                     help="target-specific option passed to build_graphs (e.g. decode_shape=split)")
+    ap.add_argument("--quant-algo", help="rpi --quantize int4: rtn (default), hqq or gptq (needs --data); "
+                    "the same as --opt quant_algo=...")
+    ap.add_argument("--data", metavar="DIR", help="task data folder: its train split calibrates --quant-algo gptq")
     ap.add_argument("--sign-key", metavar="FILE", help="sign the bundle: write manifest.sig, the HMAC-SHA256 of "
                     "manifest.json under this key file's raw bytes (devices whose trusted key is this file accept it)")
     args = ap.parse_args(argv)
     opts = dict(o.split("=", 1) for o in args.opt)
+    if args.quant_algo is not None:
+        opts["quant_algo"] = args.quant_algo
     build(args.target, args.out, model=args.model, run=args.run, quantize=args.quantize,
-          max_context=args.max_context, sign_key=args.sign_key, **opts)
+          max_context=args.max_context, sign_key=args.sign_key, data=args.data, **opts)
 
 
 if __name__ == "__main__":

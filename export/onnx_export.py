@@ -45,6 +45,8 @@ from runtime.errors import FirstEdgeError
 from runtime.graph_io import Dims, TensorSpec, graph_io, kv_names, model_dims
 from runtime.masks import mask_str
 
+from .quantize_onnx import ALGOS, DEFAULT_ALGO, Quantizer, check_algo
+
 OPSET = 17
 MS = "com.microsoft"
 DECODE_SHAPES = ("fused", "split", "both")
@@ -128,7 +130,8 @@ def _blocks(w: np.ndarray, block: int):
 
 
 def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK_SIZE):
-    """Symmetric round-to-nearest per-block quantization of a torch Linear weight [N, K] for MatMulNBits.
+    """Symmetric round-to-nearest per-block quantization of a torch Linear weight [N, K] for MatMulNBits
+    (the hand-written reference; the graphs take their weights from export/quantize_onnx.py).
 
     Returns (B uint8 [N, k_blocks, blob], scales float32 [N, k_blocks]); zero point is the default 2^(bits-1).
     """
@@ -138,6 +141,14 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int = BLOCK_SIZE):
     scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
     q = np.clip(np.rint(wb / scale), -qmax - 1, qmax).astype(np.int32) + 2 ** (bits - 1)
     return np.ascontiguousarray(_pack(q.astype(np.uint8), bits)), np.ascontiguousarray(scale[..., 0])
+
+
+_ACTIVE_QUANTIZER: Optional[Quantizer] = None  # set by build_graphs for one build (each weight quantized once)
+
+
+def _quantizer(bits: int) -> Quantizer:
+    q = _ACTIVE_QUANTIZER
+    return q if q is not None and q.bits == bits else Quantizer(bits, block=BLOCK_SIZE)
 
 
 # ------------------------------------------------------------------ graph building
@@ -171,8 +182,10 @@ class GraphBuilder:
         if self.bits is None:
             y = self.op("MatMul", [x, self.const(prefix + ".weight", np.ascontiguousarray(w.T))], name=prefix)[0]
         else:
-            q, s = quantize_blockwise(w, self.bits)
-            ins = [x, self.const(prefix + ".qweight", q), self.const(prefix + ".scales", s)]
+            qw = _quantizer(self.bits).linear(prefix, w)
+            ins = [x, self.const(prefix + ".qweight", qw.packed), self.const(prefix + ".scales", qw.scales)]
+            if qw.zero_points is not None:
+                ins.append(self.const(prefix + ".zero_points", qw.zero_points))
             y = self.op("MatMulNBits", ins,
                         domain=MS, name=prefix, K=K, N=N, bits=self.bits, block_size=BLOCK_SIZE,
                         accuracy_level=4)[0]
@@ -187,9 +200,9 @@ class GraphBuilder:
             return self.op("Gather", [self.const("embed_tokens.weight", weights.embed), ids], name="embed_tokens",
                            outputs=outs)[0]
         bits = self.bits
-        q, s = quantize_blockwise(weights.embed, bits)
-        return self.op("GatherBlockQuantized", [self.const("embed_tokens.qweight", q.reshape(weights.V, -1)), ids,
-                                                self.const("embed_tokens.scales", s)],
+        qw = _quantizer(bits).embedding("embed_tokens", weights.embed)
+        return self.op("GatherBlockQuantized", [self.const("embed_tokens.qweight", qw.packed.reshape(weights.V, -1)), ids,
+                                                self.const("embed_tokens.scales", qw.scales)],
                        domain=MS, name="embed_tokens", outputs=outs, bits=bits, block_size=BLOCK_SIZE,
                        gather_axis=0, quantize_axis=1)[0]
 
@@ -569,10 +582,15 @@ def check_extend(ref, be, ids: np.ndarray, mask: np.ndarray, n_new: int, rng, vo
 
 # ------------------------------------------------------------------ entry point (export/build.py)
 def build_graphs(fm, out_dir, *, quantize: str = "none", max_context: int = 1024, verbose: bool = True,
-                 decode_shape: str = DEFAULT_DECODE_SHAPE, validate_graphs=True, **opts) -> dict:
+                 decode_shape: str = DEFAULT_DECODE_SHAPE, validate_graphs=True, quant_algo: str = DEFAULT_ALGO,
+                 calibration=None, **opts) -> dict:
+    """``quant_algo`` (int4; int8 is always rtn): rtn|hqq|gptq (export/quantize_onnx.py); ``calibration``: token
+    id sequences for gptq (export/build.py reads them from ``--data``)."""
+    global _ACTIVE_QUANTIZER
     if opts:
         raise FirstEdgeError(f"unknown option(s) for --target rpi: {', '.join(sorted(opts))} "
-                             f"(known: decode_shape=fused|split|both, validate_graphs=0|1)")
+                             f"(known: decode_shape=fused|split|both, validate_graphs=0|1, "
+                             f"quant_algo={'|'.join(ALGOS)})")
     if decode_shape not in DECODE_SHAPES:
         raise FirstEdgeError(f"decode_shape must be one of {', '.join(DECODE_SHAPES)}, got {decode_shape!r}")
     if quantize not in QUANT_BITS:
@@ -580,6 +598,7 @@ def build_graphs(fm, out_dir, *, quantize: str = "none", max_context: int = 1024
     if str(validate_graphs) in ("0", "false", "False", "no"):
         validate_graphs = False
     bits = QUANT_BITS[quantize]
+    check_algo(quant_algo, bits, calibration)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -596,7 +615,13 @@ def build_graphs(fm, out_dir, *, quantize: str = "none", max_context: int = 1024
             models[f"{name}.onnx"] = (lambda n=name: (split or split.update(build_split(weights, bits)) or split).pop(n))
         graphs["split"] = {"embed": "embed.onnx", "layers": [f"layer_{l}.onnx" for l in range(weights.L)],
                            "head": "head.onnx"}
-    files = save_shared(models, out)
+    quantizer = None if bits is None else Quantizer(bits, quant_algo, block=BLOCK_SIZE, fm=fm, calibration=calibration,
+                                                    verbose=verbose)
+    _ACTIVE_QUANTIZER = quantizer
+    try:
+        files = save_shared(models, out)
+    finally:
+        _ACTIVE_QUANTIZER = None
     del models
     res = {
         "files": files,
@@ -607,12 +632,15 @@ def build_graphs(fm, out_dir, *, quantize: str = "none", max_context: int = 1024
         "kv_layout": "BNSH",
         "kv_cache": "shared_buffer",  # past_key_values.{l}.* and present.{l}.* are one max_context buffer
         "opset": OPSET,
-        "weights": "float32" if bits is None else f"MatMulNBits int{bits} block {BLOCK_SIZE} symmetric, "
-                                                  f"accuracy_level 4; embeddings GatherBlockQuantized int{bits}",
+        "weights": "float32" if bits is None else f"MatMulNBits int{bits} block {BLOCK_SIZE} {quant_algo}, "
+                                                  f"accuracy_level 4; embeddings GatherBlockQuantized int{bits} rtn",
         "dtype": "float32",
     }
+    if quantizer is not None:
+        res["quantizer"] = quantizer.describe()
     if verbose:
-        print(f"[first-edge] ONNX graphs written in {time.time() - t0:.1f}s ({quantize})", file=sys.stderr)
+        print(f"[first-edge] ONNX graphs written in {time.time() - t0:.1f}s ({quantize}"
+              f"{'' if quantizer is None else f' {quant_algo}, quantizer {quantizer.seconds:.1f}s'})", file=sys.stderr)
     if validate_graphs:
         t1 = time.time()
         if bits is not None:
