@@ -25,6 +25,11 @@ export.finetune ...`` or ``accelerate launch -m export.finetune ...`` every proc
 record i is cached (or measured) by rank i % N, each step's global batch is the single-process batch,
 losses are formed from sums over the ranks and gradients summed with ``all_reduce``; rank 0 writes the
 run folder. ``--device cpu|cuda`` and ``--dtype bf16|fp16|fp32`` place the frozen model.
+
+FSDP (docs/scale-out.md "FSDP"): ``accelerate launch --config_file configs/accelerate_fsdp.yaml -m
+export.finetune --recipe e2e [--lora] ...`` shards the working model (frozen weights and LoRA adapters) over
+the processes with PyTorch FSDP2 (``export.distributed.fsdp_working_copy``); the steps, the loss and the
+run folder are the same as without it.
 """
 from __future__ import annotations
 
@@ -198,14 +203,16 @@ class PromptCache:
         return self._arr(self.meta["parts"][0])
 
     @torch.no_grad()
-    def build(self, fm: FirstModel, encoded, key: str, cfg: TrainConfig, progress=True):
+    def build(self, fm: FirstModel, encoded, key: str, cfg: TrainConfig, progress=True, forward=None):
         """Cache this rank's share of ``encoded`` (``fm``: the working model, on its device), then open the
-        whole cache once every rank has written its part."""
+        whole cache once every rank has written its part. ``forward``: the FSDP root (``E2ERun.forward``)
+        that runs each example's forward; every rank then runs as many forwards as the rank with the most
+        records (the surplus ones are discarded), since FSDP gathers each layer's weights from all ranks."""
         dist = self.dist
         self.folder.mkdir(parents=True, exist_ok=True)
         name = _dtype_name(cfg)
         dt = self._TORCH[name]
-        dev = next(fm.hf.parameters()).device
+        dev = next(fm.hf.parameters()).device if forward is None else dist.dev  # FSDP: shards may be offloaded
         mine = [i for i in range(len(encoded)) if dist.owns(i)]
         part = f"part-{dist.rank}-of-{dist.world}"
         pdir = self.folder / part
@@ -220,9 +227,7 @@ class PromptCache:
             from tqdm import tqdm
 
             it = tqdm(mine, desc="caching prompt states", unit="ex", file=sys.stderr, dynamic_ncols=True)
-        for i in it:
-            e = encoded[i]
-            P, C = e.prompt_ids, e.completion_ids
+        def states_of(P, C):
             Tp = len(P)
             ids = torch.tensor([P + C[:-1]], dtype=torch.int64, device=dev)
             pos = torch.arange(ids.shape[1], dtype=torch.int64, device=dev).unsqueeze(0)
@@ -236,6 +241,13 @@ class PromptCache:
                     rows[:, l, self.D:self.D + self.kvd] = k[0, :, :Tp].transpose(0, 1).reshape(Tp, -1).to(dt)
                     rows[:, l, self.D + self.kvd:] = v[0, :, :Tp].transpose(0, 1).reshape(Tp, -1).to(dt)
                 logits = fm.head(h[0, Tp:]).float()  # predicts C[1:]
+            return rows, logits
+
+        for i in it:
+            e = encoded[i]
+            P, C = e.prompt_ids, e.completion_ids
+            Tp = len(P)
+            rows, logits = states_of(P, C) if forward is None else forward(states_of, P, C)
             lp = torch.log_softmax(logits, -1)
             top = lp.topk(cfg.kd_topk, dim=-1)
             rows = rows.cpu()
@@ -245,6 +257,11 @@ class PromptCache:
                              "tidx": top.indices.to(torch.int32).cpu(), "tlp": top.values.to(torch.float16).cpu(),
                              "task": e.record.task})
             off += Tp
+        if forward is not None:  # FSDP: as many forwards as the rank with the most records
+            most = max(len(range(r, len(encoded), dist.world)) for r in range(dist.world))
+            for _ in range(most - len(mine)):
+                e = encoded[mine[0] if mine else 0]
+                forward(states_of, e.prompt_ids, e.completion_ids)
         arr.flush()
         del arr
         torch.save(examples, pdir / "examples.pt")
@@ -466,7 +483,15 @@ def open_run(out: Path, resume: bool, resume_file: Path, what: str, model, seed:
 def resolve_placement(cfg: TrainConfig) -> Dist:
     """Join the process group when launched by torchrun / accelerate (``export.distributed.setup``) and fix
     ``cfg.device`` and ``cfg.dtype`` (``cfg.bf16`` follows the dtype). Returns this process's Dist."""
-    dist = distributed.setup(None if cfg.device == "auto" else cfg.device)
+    fsdp = distributed.fsdp_config()  # accelerate's FSDP config (one-line errors for what is not supported)
+    if fsdp is not None and cfg.recipe != "e2e":
+        raise FirstEdgeError("accelerate's FSDP config shards the model of the e2e recipe (--recipe e2e [--lora]); "
+                             "the rank recipe keeps the whole model in every process: launch it with "
+                             "configs/accelerate_multi.yaml or torchrun")
+    dist = distributed.setup(None if cfg.device == "auto" else cfg.device, fsdp=fsdp)
+    if fsdp is not None and not dist.active:
+        print("[finetune] accelerate's FSDP config with 1 process: nothing to shard (the model is whole, as "
+              "without FSDP)", file=sys.stderr)
     cfg.device = dist.dev.type
     cfg.dtype = distributed.resolve_dtype(None if cfg.dtype == "auto" else cfg.dtype, cfg.device, prefer_bf16=cfg.bf16)
     cfg.bf16 = cfg.dtype == "bf16"
@@ -522,6 +547,15 @@ class E2ERun:
     lora_params: List[torch.nn.Parameter] = field(default_factory=list)
     lora_opt: Optional[torch.optim.Optimizer] = None
     resumed: Optional[dict] = None   # the checkpoint this run continues
+    root: Optional[torch.nn.Module] = None  # FSDP: the root every forward runs in (export.distributed.FsdpRoot)
+    shards: Optional[dict] = None    # FSDP: what each rank holds (export.distributed.shard_report)
+
+    def forward(self, fn, *args):
+        """``fn(*args)``: a forward through ``work``, inside the FSDP root when the model is sharded."""
+        return fn(*args) if self.root is None else self.root(fn, *args)
+
+    def lora_named(self) -> Dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.work.hf.named_parameters() if "lora_" in n}
 
     @property
     def ckpt_file(self) -> Path:
@@ -550,8 +584,24 @@ def prepare(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, tas
         raise FirstEdgeError(f"no usable training records in {data_dir} (completions are empty)")
     key = config_key(cfg, fm, data_dir, tasks)
     fm.eval()
-    work = working_copy(fm, cfg.dtype, dist.device)
-    return E2ERun(out=out, cfg=cfg, fm=fm, work=work, key=key, tasks=tasks, dist=dist), encoded
+    if dist.fsdp is None:
+        work = working_copy(fm, cfg.dtype, dist.device)
+        return E2ERun(out=out, cfg=cfg, fm=fm, work=work, key=key, tasks=tasks, dist=dist), encoded
+    # FSDP: the adapters are attached before sharding (lora_B = 0: the model's outputs are unchanged until
+    # the LoRA phase trains them; attached on the CPU in fp32 from the same random state as the unsharded
+    # path attaches them at its first LoRA step, so they start from the same values)
+    attach = (lambda w: attach_trainable_lora(w, cfg.lora_r)) if lora else None
+    work, root = distributed.fsdp_working_copy(fm, cfg.dtype, dist.device, dist, before_shard=attach)
+    run = E2ERun(out=out, cfg=cfg, fm=fm, work=work, key=key, tasks=tasks, dist=dist, root=root)
+    run.lora_params = [p for p in run.lora_named().values() if p.requires_grad]
+    run.shards = distributed.shard_report(work.hf, dist)
+    if verbose:
+        sh = run.shards
+        n_frozen = sh["total_params"] - sum(sh["trainable"])
+        extra = f" and {sh['trainable'][0]:,} of {sum(sh['trainable']):,} LoRA parameters" if lora else ""
+        print(f"[finetune] FSDP over {dist.world} processes: rank 0 holds {sh['frozen'][0]:,} of {n_frozen:,} frozen "
+              f"parameters ({sh['frozen_bytes'][0] / 2**20:.1f} MiB){extra}", file=sys.stderr)
+    return run, encoded
 
 
 def cache_prompts(run: E2ERun, encoded, progress: bool, verbose: bool) -> float:
@@ -572,7 +622,8 @@ def cache_prompts(run: E2ERun, encoded, progress: bool, verbose: bool) -> float:
             print(f"[finetune] {len(encoded)} examples from {', '.join(run.tasks)}; caching prompt states once{share}",
                   file=sys.stderr)
         run.dist.barrier()  # no rank reads an old meta.json while rank 0 replaces it
-        run.cache.build(run.work, encoded, run.key, run.cfg, progress=progress)
+        run.cache.build(run.work, encoded, run.key, run.cfg, progress=progress,
+                        forward=run.forward if run.root is not None else None)
     return time.time() - t0
 
 
@@ -633,15 +684,26 @@ def ensure_lora(run: E2ERun):
     if run.lora_opt is not None:
         return
     cfg = run.cfg
-    run.lora_params = attach_trainable_lora(run.work, cfg.lora_r)
-    run.lora_opt = torch.optim.Adam([{"params": run.lora_params, "lr": cfg.lora_lr},
-                                     {"params": run.router_params, "lr": cfg.lr * 0.1}])
+    if run.root is None:
+        run.lora_params = attach_trainable_lora(run.work, cfg.lora_r)
+        run.lora_opt = torch.optim.Adam([{"params": run.lora_params, "lr": cfg.lora_lr},
+                                         {"params": run.router_params, "lr": cfg.lr * 0.1}])
+    else:  # FSDP: attached (and sharded) by prepare; foreach=False: sharded (DTensor) and whole parameters
+        for p in run.lora_params:
+            p.grad = None
+        run.lora_opt = torch.optim.Adam([{"params": run.lora_params, "lr": cfg.lora_lr},
+                                         {"params": run.router_params, "lr": cfg.lr * 0.1}], foreach=False)
     state = run.resumed
     if state is not None and state.get("lora") is not None:
         sd = dict(run.work.hf.named_parameters())
-        for n, v in state["lora"].items():
-            sd[n].data.copy_(v)
-        run.lora_opt.load_state_dict(state["lora_opt"])
+        if run.root is None:
+            for n, v in state["lora"].items():
+                sd[n].data.copy_(v)
+            run.lora_opt.load_state_dict(state["lora_opt"])
+        else:
+            for n, v in state["lora"].items():
+                distributed.load_full(sd[n], v)
+            distributed.load_optimizer_state(run.lora_opt, state["lora_opt"])
 
 
 def train_step(run: E2ERun, step: int) -> dict:
@@ -661,25 +723,41 @@ def train_step(run: E2ERun, step: int) -> dict:
     else:
         opt, params = run.opt, run.router_params
     opt.zero_grad(set_to_none=True)
-    if mine:
+    if run.root is not None and phase != "lora":
+        for p in run.lora_params:  # FSDP: the adapters (lora_B = 0 until the LoRA phase) get gradients too
+            p.grad = None
+    # FSDP: a process with no record of this batch still runs a forward and backward (of one record, its
+    # sums multiplied by 0), since every rank takes part in gathering each layer's weights
+    rows = mine if mine or run.root is None else idx[:1]
+    if rows:
         if phase == "lora":
-            b = lora_batch(run.cache, mine)
+            b = lora_batch(run.cache, rows)
             b = {k: v.to(dev) for k, v in b.items()}
-            with torch.device(dev), autocast(cfg, dev.type):
-                logits, g, gates = work.mixed_forward(b["full_ids"], b["full_pmask"],
-                                                      gate_fn=lambda l, gl: gate_fn(gl))
+
+            def fwd():
+                with torch.device(dev), autocast(cfg, dev.type):
+                    return work.mixed_forward(b["full_ids"], b["full_pmask"], gate_fn=lambda l, gl: gate_fn(gl))
+
+            logits, g, gates = run.forward(fwd)
             logits = logits.gather(1, b["sel"].unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         else:
-            b = run.cache.batch(mine, device=dev)
-            with autocast(cfg, dev.type):
-                logits, g, gates = cached_forward(work, b, gate_fn, work.pinned_mask)
+            b = run.cache.batch(rows, device=dev)
+
+            def fwd():
+                with autocast(cfg, dev.type):
+                    return cached_forward(work, b, gate_fn, work.pinned_mask)
+
+            logits, g, gates = run.forward(fwd)
         sums = loss_sums(logits, b, gates, g, cfg.tau)
+        if not mine:
+            sums = sums * 0.0
     else:  # none of this batch's records is this process's: it only takes part in the sums
         sums = torch.zeros(N_SUMS, device=dev)
     loss, parts = loss_from_sums(dist.globalize(sums), cfg, run.fm.n_layers)
     if loss.requires_grad:
         loss.backward()
-    dist.reduce_grads(params)
+    # FSDP sums the (sharded) adapters' gradients itself; the routers are whole on every rank
+    dist.reduce_grads(params if run.root is None else run.router_params)
     opt.step()
     parts.update(step=step, phase=phase)
     return parts
@@ -687,14 +765,24 @@ def train_step(run: E2ERun, step: int) -> dict:
 
 def save_checkpoint(run: E2ERun, step: int):
     """Phase 5a: ``checkpoint.pt`` (routers, optimisers, LoRA weights) for --resume, written atomically by
-    rank 0 (every rank holds the same state)."""
+    rank 0 (every rank holds the same state; with FSDP the adapters and their optimiser state are gathered
+    first, by every rank, into the format of an unsharded run)."""
+    lora = lora_opt = None
+    if run.lora_opt is not None and run.root is not None:
+        lora = distributed.full_tensors(run.lora_named())
+        lora_opt = distributed.full_optimizer_state(run.lora_opt)
     if not run.dist.main:
         return
     st = {"step": step, "key": run.key, "routers": run.fm.routers.state_dict(), "opt": run.opt.state_dict(),
           "cfg": asdict(run.cfg), "lora": None, "world_size": run.dist.world}
+    if run.root is not None:
+        st["fsdp"] = True
     if run.lora_opt is not None:
-        st["lora"] = {n: p.detach().clone() for n, p in run.work.hf.named_parameters() if "lora_" in n}
-        st["lora_opt"] = run.lora_opt.state_dict()
+        if run.root is not None:
+            st["lora"], st["lora_opt"] = lora, lora_opt
+        else:
+            st["lora"] = {n: p.detach().clone() for n, p in run.work.hf.named_parameters() if "lora_" in n}
+            st["lora_opt"] = run.lora_opt.state_dict()
     tmp = run.ckpt_file.with_suffix(".tmp")
     torch.save(st, tmp)
     os.replace(tmp, run.ckpt_file)
@@ -707,16 +795,20 @@ def save_run(run: E2ERun, model: Optional[str], summary: dict):
     with_lora = run.lora_opt is not None
     extra = {"lora": with_lora, "model_dir": str(Path(model).resolve()) if model else None, "train": summary}
     fm.routers.to("cpu")
+    full = distributed.full_tensors(run.lora_named()) if with_lora and run.root is not None else None
     if run.dist.main:
         if with_lora:
-            run.work.hf.save_pretrained(str(out / "lora"))
+            if full is None:
+                run.work.hf.save_pretrained(str(out / "lora"))
+            else:  # FSDP: the gathered adapters, in peft's format
+                run.work.hf.save_pretrained(str(out / "lora"), state_dict=full)
             fm.save_routers(out, extra=extra)
             from .model import attach_lora
 
             fm.hf = attach_lora(fm.hf, out / "lora") if run.work is not fm else run.work.hf.merge_and_unload()
         else:
             fm.save_routers(out, extra=extra)
-    run.work = None
+    run.work = run.root = None
     for p in fm.routers.parameters():
         p.requires_grad_(False)
 
@@ -775,6 +867,8 @@ def train_e2e(model: Optional[str], data_dir: str, out: str, cfg: TrainConfig, t
                "total_s": round(time.time() - t_start, 1), "examples": len(run.cache), "tasks": run.tasks,
                "data": str(data_dir), "config": asdict(cfg),
                "distributed": distributed_record(dist, cfg, len(run.cache), cfg.batch_size)}
+    if run.shards is not None:
+        summary["distributed"]["fsdp_shards"] = run.shards
     with_lora = run.lora_opt is not None
     save_run(run, model, summary)
     dist.barrier()
