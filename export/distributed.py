@@ -375,14 +375,16 @@ def _unit_modules(fm) -> List[List[torch.nn.Module]]:
     return units
 
 
-def _place(mods: Sequence[torch.nn.Module], dev: torch.device, dt: torch.dtype, done: dict):
+def _place(mods: Sequence[torch.nn.Module], dev: torch.device, dt: torch.dtype):
     """Move the parameters of ``mods`` to ``dev``: frozen ones in the working precision ``dt``, trainable
     ones (LoRA) kept in their own (fp32). A parameter already in place is kept as is (it may be ``fm``'s
-    own, which FSDP copies into its shards and does not change); ties are kept (``done``)."""
+    own, which FSDP copies into its shards and does not change); ties within ``mods`` are kept; parameters
+    already sharded are left alone."""
+    done: dict = {}
     for mod in mods:
         for sub in mod.modules():
             for k, p in list(sub._parameters.items()):
-                if p is None:
+                if p is None or is_sharded(p):
                     continue
                 if id(p) in done:
                     sub._parameters[k] = done[id(p)]
@@ -438,11 +440,10 @@ def fsdp_working_copy(fm, dtype: str, device: str, dist: Dist, before_shard=None
             raise FirstEdgeError("accelerate's FSDP config: fsdp_offload_params needs --device cuda (on the CPU "
                                  "the shards already are in host memory): set it to false")
         kw["offload_policy"] = CPUOffloadPolicy()
-    done: dict = {}
-    for mods in _unit_modules(work):
-        _place(mods, dev, dt, done)
+    for mods in _unit_modules(work):  # the whole unit on the device only until it is sharded
+        _place(mods, dev, dt)
         fully_shard(mods if len(mods) > 1 else mods[0], **kw)
-    _place([work.hf], dev, dt, done)  # anything left (none in Llama-family models): the root holds it
+    _place([work.hf], dev, dt)  # anything left (none in Llama-family models): the root holds it
     root = FsdpRoot(work.hf)
     fully_shard(root, **kw)
     for m in root.modules():
