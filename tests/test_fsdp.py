@@ -32,6 +32,7 @@ from test_distributed import (E2E, E2E_TOL, LAUNCH_TIMEOUT, LORA_TOL, ROOT, STEP
                               in_process, log_of, max_lora_diff, max_router_diff)
 
 CONFIG = ROOT / "configs" / "accelerate_fsdp.yaml"
+E2E32 = E2E + ["--dtype", "fp32"]  # fp32 whatever the CPU (auto would be bf16 with AMX): the tolerances are fp32's
 
 
 def accelerate_fsdp(args, n: int = 2):
@@ -50,7 +51,7 @@ def fsetup(tmp_path_factory, tiny_dir, data_dir):
     data = tiny_vocab_data(data_dir, root / "data", ("arithmetic", "translate"), 6)
     base = ["--data", data, "--model", tiny_dir]
     one = root / "one"
-    in_process(ft.main, base + E2E + ["--out", one])
+    in_process(ft.main, base + E2E32 + ["--out", one])
     return dict(root=root, base=base, one=one)
 
 
@@ -63,7 +64,7 @@ def lora_of_checkpoint(run: Path) -> dict:
 def test_fsdp_two_processes_train_as_one_and_shard(fsetup):
     root, base, one = fsetup["root"], fsetup["base"], fsetup["one"]
     two = root / "fsdp2"
-    r = accelerate_fsdp(base + E2E + ["--out", two])
+    r = accelerate_fsdp(base + E2E32 + ["--out", two])
     assert "[finetune] FSDP over 2 processes" in r.stderr
     diff, lora = max_router_diff(one, two), max_lora_diff(one, two)
     print(f"FSDP, e2e + LoRA, {STEPS} steps: max |difference| 1 process vs 2 FSDP processes: routers {diff:.2e}, "
@@ -86,7 +87,7 @@ def test_fsdp_two_processes_train_as_one_and_shard(fsetup):
     assert sum(sh["frozen"]) == n_frozen and sum(sh["trainable"]) == n_lora  # each element on one rank
     for r_ in range(2):  # each rank holds half (rows split evenly: every sharded dimension here is even)
         assert sh["frozen"][r_] == n_frozen // 2 and sh["trainable"][r_] == n_lora // 2
-        assert sh["frozen_bytes"][r_] == 4 * (n_frozen // 2)  # fp32 on this CPU (no AMX)
+        assert sh["frozen_bytes"][r_] == 4 * (n_frozen // 2)  # fp32 (--dtype fp32)
     assert "fsdp" not in json.loads((one / "routers.json").read_text())["train"]["distributed"]
     # rank 0 wrote whole adapters: the final checkpoint's (gathered) equal the saved lora/ files exactly
     from safetensors.torch import load_file
@@ -100,7 +101,7 @@ def test_fsdp_two_processes_train_as_one_and_shard(fsetup):
 def test_fsdp_checkpoint_resumes_with_and_without_fsdp(fsetup):
     root, base, one = fsetup["root"], fsetup["base"], fsetup["one"]
     run = root / "stopped"
-    accelerate_fsdp(base + E2E + ["--out", run, "--stop-after", STEPS - 1])  # in the LoRA phase
+    accelerate_fsdp(base + E2E32 + ["--out", run, "--stop-after", STEPS - 1])  # in the LoRA phase
     st = torch.load(run / "checkpoint.pt", weights_only=False)
     assert st["step"] == STEPS - 1 and st["world_size"] == 2 and st["fsdp"] is True
     # whole tensors in the unsharded format: every adapter at its full shape, and Adam's state of every adapter
@@ -114,8 +115,8 @@ def test_fsdp_checkpoint_resumes_with_and_without_fsdp(fsetup):
     a, b = root / "resumed1", root / "resumed_fsdp"
     shutil.copytree(run, a)
     shutil.copytree(run, b)
-    in_process(ft.main, base + E2E + ["--out", a, "--resume"])  # 1 process, no FSDP
-    accelerate_fsdp(base + E2E + ["--out", b, "--resume"])  # 2 FSDP processes: the whole tensors sharded again
+    in_process(ft.main, base + E2E32 + ["--out", a, "--resume"])  # 1 process, no FSDP
+    accelerate_fsdp(base + E2E32 + ["--out", b, "--resume"])  # 2 FSDP processes: the whole tensors sharded again
     for r in (a, b):
         assert [x["step"] for x in log_of(r)] == list(range(1, STEPS + 1))
         diff, lora = max_router_diff(one, r), max_lora_diff(one, r)
@@ -131,7 +132,7 @@ def test_fsdp_ranks_without_records_still_take_part(fsetup):
     root, base = fsetup["root"], fsetup["base"]
     args = ["--preset", "tiny", "--recipe", "e2e", "--tasks", "arithmetic", "--per-task", 5, "--soft-steps", 3,
             "--hard-steps", 2, "--lora", "--lora-steps", 3, "--lora-lr", 0.01, "--batch-size", 1, "--lr", 0.05,
-            "--no-progress"]
+            "--no-progress", "--dtype", "fp32"]
     in_process(ft.main, base + args + ["--out", root / "odd1"])
     accelerate_fsdp(base + args + ["--out", root / "odd2"])
     diff, lora = max_router_diff(root / "odd1", root / "odd2"), max_lora_diff(root / "odd1", root / "odd2")
@@ -177,7 +178,7 @@ def test_bad_fsdp_use_is_a_one_line_error(fsetup, tmp_path, monkeypatch, capsys)
                                    "--out", tmp_path / "ev"])
     assert "only used by export.finetune --recipe e2e" in err
     # the same config with 1 process: nothing to shard, the run is the ordinary one
-    in_process(ft.main, base + E2E + ["--soft-steps", 1, "--hard-steps", 0, "--lora-steps", 0, "--out",
+    in_process(ft.main, base + E2E32 + ["--soft-steps", 1, "--hard-steps", 0, "--lora-steps", 0, "--out",
                                            tmp_path / "single"])
     assert "nothing to shard" in capsys.readouterr().err
     assert "fsdp" not in json.loads((tmp_path / "single" / "routers.json").read_text())["train"]["distributed"]
