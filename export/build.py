@@ -99,6 +99,7 @@ def build(target: str, out, model: Optional[str] = None, run: Optional[str] = No
         raise FirstEdgeError(f"--quantize {quantize} is not available for --target {target} "
                              f"(choose from {', '.join(qchoices)})")
     algo = opts.get("quant_algo")
+    calib_per_task = opts.pop("calib_per_task", None)
     if algo is not None:  # checked before the (long) build
         if target != "rpi":
             raise FirstEdgeError(f"--quant-algo is for --target rpi (--target {target} has its own --quantize schemes)")
@@ -108,12 +109,21 @@ def build(target: str, out, model: Optional[str] = None, run: Optional[str] = No
         check_algo(algo, QUANT_BITS[quantize], calibration=data if algo == "gptq" else None)
         if data is not None and not Path(data).is_dir():
             raise FirstEdgeError(f"--data {data}: no such folder")
+    if calib_per_task is not None:
+        if algo != "gptq" or not str(calib_per_task).isdigit() or int(calib_per_task) < 1:
+            raise FirstEdgeError(f"calib_per_task={calib_per_task}: a positive number of train prompts a task, "
+                                 f"for --quant-algo gptq")
+        calib_per_task = int(calib_per_task)
+    else:
+        from .quantize_onnx import CALIB_PER_TASK
+
+        calib_per_task = CALIB_PER_TASK
     fm, tok = build_first_model(model, run, verbose=verbose)
     if algo == "gptq":
         from .data import end_of_turn_id
         from .quantize_onnx import calibration_ids
 
-        opts["calibration"] = calibration_ids(data, tok, end_of_turn_id(tok, fm.cfg))
+        opts["calibration"] = calibration_ids(data, tok, end_of_turn_id(tok, fm.cfg), per_task=calib_per_task)
     mpe = getattr(fm.cfg, "max_position_embeddings", None)
     if mpe and max_context > mpe:
         raise FirstEdgeError(f"--max-context {max_context} exceeds the model's {mpe} positions")

@@ -194,7 +194,8 @@ def test_bad_quant_options_are_one_line_errors(tiny_dir, tmp_path):
     cases = [({"quant_algo": "gptq"}, "int4", "--quant-algo gptq needs calibration prompts: pass --data DIR"),
              ({"quant_algo": "awq"}, "int4", "unknown --quant-algo 'awq' (choose from rtn, hqq, gptq)"),
              ({"quant_algo": "hqq"}, "none", "--quant-algo hqq needs --quantize int4"),
-             ({"quant_algo": "gptq", "data": str(tmp_path / "nope")}, "int4", "no such folder")]
+             ({"quant_algo": "gptq", "data": str(tmp_path / "nope")}, "int4", "no such folder"),
+             ({"quant_algo": "rtn", "calib_per_task": "8"}, "int4", "calib_per_task=8: a positive number")]
     for kw, quant, msg in cases:
         with pytest.raises(FirstEdgeError) as e:
             build("rpi", tmp_path / "b", model=str(tiny_dir), quantize=quant, max_context=MAX_CTX, verbose=False, **kw)
