@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -112,6 +113,214 @@ def memory(args):
                   f"{' / ' + str(d['turn2_tok_s']) if two else ''} | {d['load_before']} |")
 
 
+# ------------------------------------------------------------------ interleaved A/B (--interleave)
+def ab_child(args):
+    """One process, one thread count: our bundles (``--bundles``, each all-ones and, with ``--first``, the FiRST
+    mask) and onnxruntime-genai's exports (``--genai``) decode the benchmark prompt in turn, ``--rounds`` times
+    (ABAB...: load that comes and goes hits every configuration alike); prints one JSON line with every run.
+    Runs in the genai venv (our runtime is torch-free: numpy, onnxruntime, tokenizers), so both share the process,
+    the ONNX Runtime build and the load; genai's sessions use their own 2-thread pools as in its config."""
+    import statistics
+
+    import numpy as np
+
+    from common import USER_MSG
+    from runtime.bundle import Bundle
+    from runtime.loop import SamplingConfig, generate
+    from runtime.ort_backend import OrtBackend
+    from runtime.tokenizer import BundleTokenizer
+
+    N = args.new_tokens
+    cfgs = []  # (name, fn) ; fn() -> decode tok/s
+    ids = None
+    for spec in [b for b in (args.bundles or "").split(",") if b]:
+        label, path = spec.split("=", 1) if "=" in spec else (Path(spec).name, spec)
+        b = Bundle(path)
+        be = OrtBackend(b, threads=args.threads, decode_shape=args.shape)
+        tok = BundleTokenizer(b)
+        ids = tok.encode_prompt(USER_MSG)
+        cfg = SamplingConfig(max_new_tokens=N, ignore_eos=True)
+        ones = np.ones(b.n_layers, bool)
+        # the FiRST mask: the routers' budget mask for the benchmark prompt
+        first = generate(be, ids, cfg, keep=args.first_keep, pinned=b.pinned).mask if args.first_keep else ones
+
+        def run(be=be, m=ones, b=b, cfg=cfg, ids=ids):
+            return generate(be, ids, cfg, mask=m, pinned=b.pinned).decode_tokens_per_s
+        cfgs.append((f"{label} all-ones", run))
+        if args.first_keep:
+            cfgs.append((f"{label} FiRST {int(first.sum())}/{b.n_layers}",
+                         lambda be=be, m=first, b=b, cfg=cfg, ids=ids:
+                         generate(be, ids, cfg, mask=m, pinned=b.pinned).decode_tokens_per_s))
+    for spec in [g for g in (args.genai or "").split(",") if g]:
+        import json as _json
+
+        import onnxruntime_genai as og
+
+        label, d = spec.split("=", 1)
+        gc = _json.loads((Path(d) / "genai_config.json").read_text())
+        so = gc["model"]["decoder"]["session_options"]
+        if so.get("intra_op_num_threads") != args.threads:
+            so["intra_op_num_threads"], so["inter_op_num_threads"] = args.threads, 1
+            (Path(d) / "genai_config.json").write_text(_json.dumps(gc, indent=4))
+        config = og.Config(d)
+        config.clear_providers()
+        model = og.Model(config)
+
+        def grun(model=model):
+            params = og.GeneratorParams(model)
+            params.set_search_options(do_sample=False, max_length=len(ids) + N, min_length=len(ids) + N)
+            gen = og.Generator(model, params)
+            ts = []
+            gen.append_tokens(ids)
+            while not gen.is_done() and len(ts) < N:
+                gen.generate_next_token()
+                int(gen.get_next_tokens()[0])
+                ts.append(time.perf_counter())
+            del gen
+            return (len(ts) - 1) / (ts[-1] - ts[0])
+        cfgs.append((f"{label} all-ones", grun))
+    for _, fn in cfgs:  # warm-up
+        fn()
+    runs = {n: [] for n, _ in cfgs}
+    loads = []
+    for _ in range(args.rounds):
+        loads.append(os.getloadavg()[0])
+        for n, fn in cfgs:
+            runs[n].append(fn())
+    print(json.dumps({"threads": args.threads, "new_tokens": N, "rounds": args.rounds, "runs": runs,
+                      "medians": {n: statistics.median(r) for n, r in runs.items()},
+                      "load": [round(min(loads), 2), round(max(loads), 2)]}))
+
+
+def interleave(args):
+    """``--interleave``: for each ``--threads-list`` value one child process (the genai venv's Python) runs every
+    configuration in turn (``ab_child``); prints per configuration the median tok/s, the range, and the median of
+    the per-round ratios to the row named by ``--ratio-to`` (same round, same load)."""
+    import statistics
+
+    from common import PEERS, ROOT
+
+    py = PEERS / "venv-genai" / "bin" / "python"
+    if not py.exists():
+        raise SystemExit(f"{py} missing (bash bench/peers/setup.sh genai)")
+    for th in [int(t) for t in args.threads_list.split(",")]:
+        cmd = [str(py), str(Path(__file__).resolve()), "--ab-child", "--threads", str(th), "--rounds",
+               str(args.rounds), "--new-tokens", str(args.new_tokens), "--shape", args.shape,
+               "--bundles", args.bundles or "", "--genai", args.genai or "", "--first-keep", str(args.first_keep)]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=str(ROOT))
+        lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+        if p.returncode or not lines:
+            print(f"threads {th}: error rc={p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1][:300]}")
+            continue
+        d = json.loads(lines[-1])
+        print(f"\n### {th} thread(s), {d['new_tokens']} tokens, {d['rounds']} interleaved rounds, load {d['load'][0]}-{d['load'][1]}"
+              f" ({time.strftime('%Y-%m-%d %H:%M')})\n")
+        print("| configuration | median tok/s | range | per-round ratio to " + args.ratio_to + " (median) |\n|---|---:|---|---:|")
+        base = next((n for n in d["runs"] if n.startswith(args.ratio_to)), None)
+        for n, r in d["runs"].items():
+            rat = statistics.median([a / b for a, b in zip(r, d["runs"][base])]) if base else float("nan")
+            print(f"| {n} | **{statistics.median(r):.1f}** | {min(r):.1f}–{max(r):.1f} | {rat:.3f} |")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(d) + "\n")
+
+
+# ------------------------------------------------------------------ --profile: where the decode time goes
+def _genai_stepper(gdir: str, threads: int, past: int):
+    """onnxruntime-genai's exported graph driven by plain ONNX Runtime (this process's build and thread pool), one
+    decode step at a fixed cache length ``past`` with the KV buffers shared between past and present, as genai
+    runs it on CPU (``past_present_share_buffer``); returns (session, run-one-step function)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from runtime.ort_backend import session_options
+
+    cfg = json.loads((Path(gdir) / "genai_config.json").read_text())["model"]
+    dec = cfg["decoder"]
+    L, KV, hd, V, C = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"], cfg["vocab_size"], 1024
+    so = session_options(threads)
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "genai_decode")
+    s = ort.InferenceSession(str(Path(gdir) / dec["filename"]), so, providers=["CPUExecutionProvider"])
+    io = s.io_binding()
+    keep = [np.zeros((1, KV, C, hd), np.float32) for _ in range(2 * L)]
+    for l in range(L):
+        for kind, buf in (("key", keep[2 * l]), ("value", keep[2 * l + 1])):
+            for name, out in ((f"past_key_values.{l}.{kind}", False), (f"present.{l}.{kind}", True)):
+                (io.bind_output if out else io.bind_input)(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+    mask = np.ones((1, past + 1), np.int64)
+    ids = np.full((1, 1), 5, np.int64)
+    logits = np.zeros((1, 1, V), np.float32)
+    keep += [mask, ids, logits]
+    io.bind_input("attention_mask", "cpu", 0, np.int64, list(mask.shape), mask.ctypes.data)
+    io.bind_input("input_ids", "cpu", 0, np.int64, [1, 1], ids.ctypes.data)
+    io.bind_output("logits", "cpu", 0, np.float32, [1, 1, V], logits.ctypes.data)
+    return s, (lambda: s.run_with_iobinding(io)), keep
+
+
+def profile_totals(files) -> dict:
+    """Per operator type: the sum over the graph's nodes of each node's median kernel time (ONNX Runtime profiler
+    traces), the node count, and the median model_run time. Medians per node keep out the steps another process
+    interrupted (this machine is shared)."""
+    import statistics
+    from collections import defaultdict
+
+    durs, ops, runs = defaultdict(list), {}, []
+    for f in files:
+        for e in json.load(open(f)):
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                durs[e["name"]].append(e["dur"])
+                ops[e["name"]] = e["args"]["op_name"]
+            elif e.get("cat") == "Session" and e["name"] == "model_run":
+                runs.append(e["dur"])
+    tot, cnt = defaultdict(float), defaultdict(int)
+    for n, d in durs.items():
+        tot[ops[n]] += statistics.median(d)
+        cnt[ops[n]] += 1
+    return {"ops": dict(tot), "nodes": dict(cnt), "model_run_median": statistics.median(runs) if runs else float("nan")}
+
+
+def profile(args):
+    """``--profile``: ONNX Runtime's profiler on our fused decode graph (``--bundle``) and on onnxruntime-genai's
+    graph (``--genai DIR``), interleaved step by step in one process, ``--steps`` decode steps each at the same cache
+    length (58, the benchmark prompt; the KV length reset every step), every layer kept; prints per operator type
+    the sum of per-node median kernel times (the If row contains the layers' nodes, which are also listed)."""
+    import numpy as np
+
+    from runtime.bundle import Bundle
+    from runtime.ort_backend import OrtBackend
+
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / "first_edge_profile"
+    out.mkdir(parents=True, exist_ok=True)
+    b = Bundle(args.bundle)
+    be = OrtBackend(b, threads=args.threads, decode_shape="fused", profile=str(out))
+    P = 58
+    be.prefill(np.arange(100, 100 + P), 0.5)
+    ones = np.ones(b.n_layers, bool)
+    gs, gstep, _keep = _genai_stepper(args.genai, args.threads, P)
+    for _ in range(args.steps):
+        be.lengths[:] = P
+        be.decode(5, P, ones)
+        gstep()
+    res = {"ours": profile_totals(be.end_profiling()), "genai": profile_totals([gs.end_profiling()])}
+    ops = sorted(set(res["ours"]["ops"]) | set(res["genai"]["ops"]), key=lambda o: -max(
+        res["ours"]["ops"].get(o, 0), res["genai"]["ops"].get(o, 0)))
+    print(f"\n## Decode step profile ({time.strftime('%Y-%m-%d %H:%M')}, {args.threads} thread(s), {args.steps} steps at "
+          f"cache length {P}, load {os.getloadavg()[0]:.1f}): sum of per-node median kernel times, us\n")
+    print(f"| operator | ours ({Path(args.bundle).name}) | nodes | genai ({Path(args.genai).name}) | nodes |\n|---|---:|---:|---:|---:|")
+    for o in ops:
+        cells = [f"{res[k]['ops'].get(o, 0):.0f} | {res[k]['nodes'].get(o, 0)}" if o in res[k]["ops"] else " | "
+                 for k in ("ours", "genai")]
+        print(f"| {o} | {cells[0]} | {cells[1]} |")
+    tot = {k: sum(v for o, v in res[k]["ops"].items() if o != "If") for k in res}
+    print(f"| **all kernels** (If excluded) | **{tot['ours']:.0f}** | | **{tot['genai']:.0f}** | |")
+    print(f"| model_run (median, incl. profiler overhead) | {res['ours']['model_run_median']:.0f} | | "
+          f"{res['genai']['model_run_median']:.0f} | |")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
 # ------------------------------------------------------------------ parent
 def onnx_bundle(name, model, run, quantize, max_context, rebuild):
     return ensure_bundle(name, "rpi", model, run, quantize, max_context, rebuild, extra=["--opt", "decode_shape=both"])
@@ -156,6 +365,19 @@ def main():
     ap.add_argument("--bundles", help="--memory: comma-separated bundle folders, each optionally "
                                       "followed by :opt=value backend options")
     ap.add_argument("--bundle")
+    ap.add_argument("--interleave", action="store_true",
+                    help="interleaved A/B in one process per thread count: --bundles (LABEL=DIR,...) and --genai "
+                         "(LABEL=DIR,...: onnxruntime-genai exports), --rounds rounds, medians and per-round ratios")
+    ap.add_argument("--ab-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--profile", action="store_true",
+                    help="ONNX Runtime profiler: per-operator decode time of --bundle against the --genai DIR graph")
+    ap.add_argument("--steps", type=int, default=200, help="--profile: decode steps per graph")
+    ap.add_argument("--genai", help="--interleave: LABEL=DIR of onnxruntime-genai exports, comma-separated; "
+                                    "--profile: one export's DIR")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads-list", default="1,2")
+    ap.add_argument("--first-keep", type=int, default=20, help="--interleave: FiRST mask by budget (0: none)")
+    ap.add_argument("--ratio-to", default="genai", help="--interleave: ratio column against the row starting so")
     ap.add_argument("--shape", default="fused")
     ap.add_argument("--mask")
     ap.add_argument("--threshold", type=float)
@@ -174,6 +396,12 @@ def main():
         return memory_child(args)
     if args.memory:
         return memory(args)
+    if args.ab_child:
+        return ab_child(args)
+    if args.profile:
+        return profile(args)
+    if args.interleave:
+        return interleave(args)
 
     rows = []
     tag = bundle_tag(args.model, args.run)

@@ -234,15 +234,25 @@ def _layer_body(g: GraphBuilder, weights: Weights, l: int, h: str, pos_ids: str,
     return g.op("Add", [h1, y], name=pre + ".residual")[0]
 
 
-def _head(g: GraphBuilder, weights: Weights, h2d: str, out: str):
-    """logits [1, V] from the last hidden state [1, D]."""
+def _head(g: GraphBuilder, weights: Weights, h2d: str, out: str, decode: bool = False):
+    """logits [1, V] from the last hidden state [1, D].
+
+    Tied fp32 embeddings: the one stored copy [V, D] feeds the Gather and the LM head. In the decode graphs the
+    head is ``MatMul(x, Transpose(embed))``: ONNX Runtime folds the Transpose of the constant when the session is
+    created and pre-packs the [D, V] result for MLAS's MatMul, which decodes a row 15 % faster than ``Gemm(transB=1)``
+    on [V, D] (measured: 5.7 vs 6.6 ms per token for SmolLM2's 49152 x 576 head, bit-identical logits; docs/onnx.md);
+    the folded copy exists only inside the session that packs it. Prefill and extend (one head row per call, and
+    sessions that may not pre-pack) keep the ``Gemm``, which reads the shared weights as they are."""
     x = g.rmsnorm(h2d, weights.norm, weights.eps, "norm")
     if g.bits is None and weights.tied:
-        # tied embeddings: the same initializer feeds the Gather and the LM head (Gemm with transB)
         emb = "embed_tokens.weight"
         if not any(t.name == emb for t in g.inits):
             g.const(emb, weights.embed)
-        g.op("Gemm", [x, emb], name="lm_head", outputs=[out], transB=1)
+        if decode:
+            wt = g.op("Transpose", [emb], name="lm_head.transpose", perm=[1, 0])[0]
+            g.op("MatMul", [x, wt], name="lm_head", outputs=[out])
+        else:
+            g.op("Gemm", [x, emb], name="lm_head", outputs=[out], transB=1)
     elif g.bits is None:
         g.op("MatMul", [x, g.const("lm_head.weight", np.ascontiguousarray(weights.lm_head.T))], name="lm_head", outputs=[out])
     else:
@@ -358,12 +368,22 @@ def build_extend(weights: Weights, bits: Optional[int]) -> onnx.ModelProto:
     return _model(g, "first_extend", value_infos(io["inputs"]), value_infos(io["outputs"]))
 
 
+def _decode_total(g: GraphBuilder, weights: Weights) -> str:
+    """GroupQueryAttention's ``total_sequence_length`` for one decode token: the constant ``max_context``, shared by
+    every layer. With the KV buffer shared between past and present, ONNX Runtime's CPU kernel takes each layer's
+    valid length from ``seqlens_k`` (the layer's ``past_length``) and uses the total only as the present length's
+    lower bound (the buffer is ``max_context`` long anyway), for the rotary cache bound (``max_context`` rows) and
+    for "first prompt" (total == 1 token: never, max_context > 1). So no per-layer ``Add``/``Squeeze`` computes it
+    on every token (60 nodes fewer per token for 30 layers; parity tests unchanged)."""
+    return g.const("decode.total_len", np.array(weights.max_context, np.int32))
+
+
 def build_decode_fused(weights: Weights, bits: Optional[int]) -> onnx.ModelProto:
     """One graph; layer l sits in the then-branch of an ``If`` on layer_mask[l]."""
     g = GraphBuilder(bits)
     cos, sin = _rope_inits(g, weights)
     pos_ids = g.op("Reshape", ["position", g.const("shape_1x1", np.array([1, 1], np.int64))], name="position_ids")[0]
-    one = g.const("one_i32", np.array([1], np.int32))
+    total = _decode_total(g, weights)
     h = g.embed("input_ids", weights)
     for l in range(weights.L):
         pk, pv, prk, prv = kv_names(l)
@@ -371,7 +391,6 @@ def build_decode_fused(weights: Weights, bits: Optional[int]) -> onnx.ModelProto
         cond = g.op("Gather", ["layer_mask", idx], name=f"layers.{l}.keep")[0]
         seqlens = g.op("Gather", ["past_lengths", g.const(f"layer_idx1_{l}", np.array([l], np.int64))],
                        name=f"layers.{l}.seqlens_k")[0]
-        total = g.op("Squeeze", [g.op("Add", [seqlens, one], name=f"layers.{l}.total1")[0]], name=f"layers.{l}.total")[0]
         # then: run the layer (its weights live inside the branch, so ONNX Runtime prepacks them normally)
         tg = GraphBuilder(bits)
         t_out = _layer_body(tg, weights, l, h, pos_ids, seqlens, total, pk, pv, cos, sin, (f"then{l}/k", f"then{l}/v"))
@@ -395,7 +414,7 @@ def build_decode_fused(weights: Weights, bits: Optional[int]) -> onnx.ModelProto
                                         then_branch=then_g, else_branch=else_g))
         h = h_new
     h2 = g.op("Reshape", [h, g.const("shape_1xD", np.array([1, weights.D], np.int64))], name="last_hidden")[0]
-    _head(g, weights, h2, "logits")
+    _head(g, weights, h2, "logits", decode=True)
     io = contract(weights)["decode"]
     return _model(g, "first_decode_fused", value_infos(io["inputs"]), value_infos(io["outputs"]))
 
@@ -411,8 +430,7 @@ def build_split(weights: Weights, bits: Optional[int]) -> Dict[str, onnx.ModelPr
         g = GraphBuilder(bits)
         cos, sin = _rope_inits(g, weights)
         pos_ids = g.op("Reshape", ["position", g.const("shape_1x1", np.array([1, 1], np.int64))], name="position_ids")[0]
-        total = g.op("Squeeze", [g.op("Add", ["past_length", g.const("one_i32", np.array([1], np.int32))],
-                                      name="total1")[0]], name="total")[0]
+        total = _decode_total(g, weights)
         pk, pv, prk, prv = kv_names(l)
         out = _layer_body(g, weights, l, "hidden_states", pos_ids, "past_length", total, pk, pv, cos, sin, (prk, prv))
         g.op("Identity", [out], name="h_out", outputs=["hidden_states_out"])
@@ -420,7 +438,7 @@ def build_split(weights: Weights, bits: Optional[int]) -> Dict[str, onnx.ModelPr
                                    value_infos(io["layer"]["outputs"], l))
     g = GraphBuilder(bits)
     h2 = g.op("Reshape", ["hidden_states", g.const("shape_1xD", np.array([1, weights.D], np.int64))], name="last_hidden")[0]
-    _head(g, weights, h2, "logits")
+    _head(g, weights, h2, "logits", decode=True)
     res["head"] = _model(g, "first_head", value_infos(io["head"]["inputs"]), value_infos(io["head"]["outputs"]))
     return res
 

@@ -174,6 +174,39 @@ def test_other_architectures_export_and_validate(arch, tmp_path):
     assert "decode.onnx" in g["files"] and "layer_3.onnx" in g["files"]
 
 
+def test_decode_graphs_tied_head_and_constant_total(tmp_path):
+    """Decode-speed structure (issue 15, deliverable 1), on a model with tied embeddings (as SmolLM2): the decode
+    graphs' LM head is MatMul over a Transpose of the one stored embedding (ONNX Runtime folds and pre-packs it),
+    prefill and extend keep Gemm(transB) on it; GroupQueryAttention's total_sequence_length in decode is one
+    constant shared by every layer (no per-layer Add/Squeeze). build_graphs validates both decode shapes against
+    PyTorch (all-ones and mixed masks, extend)."""
+    import onnx
+
+    from export.onnx_export import _graphs, build_graphs
+
+    fm = randomize_routers(tiny_first("llama", layers=3, tie_word_embeddings=True))
+    assert fm.hf.lm_head.weight.data_ptr() == fm.base.embed_tokens.weight.data_ptr()
+    build_graphs(fm, tmp_path, max_context=32, verbose=False, decode_shape="both")
+    idx = json.loads((tmp_path / "weights.json").read_text())
+    assert "lm_head.weight" not in idx["tensors"]  # one copy: the embedding
+
+    def nodes(f):
+        return [n for g in _graphs(onnx.load(str(tmp_path / f), load_external_data=False).graph) for n in g.node]
+
+    for f in ("decode.onnx", "head.onnx"):
+        ns = nodes(f)
+        head = next(n for n in ns if n.name == "lm_head")
+        tr = next(n for n in ns if n.output[0] == head.input[1])
+        assert head.op_type == "MatMul" and tr.op_type == "Transpose" and tr.input[0] == "embed_tokens.weight", f
+    for f in ("prefill.onnx", "extend.onnx"):
+        head = next(n for n in nodes(f) if n.name == "lm_head")
+        assert head.op_type == "Gemm" and head.input[1] == "embed_tokens.weight", f
+    for f in ("decode.onnx", "layer_1.onnx"):
+        ns = nodes(f)
+        gqa = [n for n in ns if n.op_type == "GroupQueryAttention"]
+        assert gqa and all(n.input[6] == "decode.total_len" for n in gqa), f
+        assert not [n for n in ns if n.op_type == "Squeeze"], f
+
 def test_validation_catches_a_wrong_graph(tmp_path, monkeypatch):
     """The export validation can fail: a graph with a wrong norm epsilon is refused."""
     import export.onnx_export as oe
