@@ -209,12 +209,15 @@ def hessians(fm, seqs: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
     the unquantized model in one pass)."""
     import torch
 
-    acc: Dict[str, np.ndarray] = {}
+    acc: Dict[str, "torch.Tensor"] = {}
     count = [0]
 
-    def add(name, x):
+    def add(name, x):  # float32 sums in place (one [K, K] buffer a layer input), float64 at the end
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        acc[name] = acc.get(name, 0) + (x.T @ x).to(torch.float64).numpy()
+        if name in acc:
+            acc[name].addmm_(x.T, x)
+        else:
+            acc[name] = x.T @ x
 
     hooks = []
     for l, lay in enumerate(fm.layers):
@@ -236,7 +239,7 @@ def hessians(fm, seqs: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
         for hk in hooks:
             hk.remove()
     n = max(count[0], 1)
-    out = {k: v * (2.0 / n) for k, v in acc.items()}
+    out = {k: v.to(torch.float64).numpy() * (2.0 / n) for k, v in acc.items()}
     for l in range(fm.n_layers):
         out[f"layers.{l}.mlp.up_proj"] = out[f"layers.{l}.mlp.gate_proj"]
     return out
