@@ -94,6 +94,8 @@ class TrainConfig:
     holdout: float = 0.2             # labelled prompts held out to choose the step (0 = keep the last)
     eval_every: int = 10
     val_calib_per_task: int = 4      # val prompts per task for the threshold calibration
+    task_weight: float = 0.0         # weight of the per-task greedy skip orders in the rank fit (0: toggle labels only)
+    task_k: int = 0                  # greedy steps of those orders (0: label_k)
 
     @property
     def total_steps(self) -> int:

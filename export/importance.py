@@ -9,7 +9,8 @@ computed once and shared): per-token ``KL(base || m)`` and top-1 agreement with 
 On top of it:
 - ``single_skip_costs``: the KL of skipping one layer (every other kept), per layer;
 - ``toggle_labels``: the effect of toggling each layer on top of a static mask (the training labels);
-- ``greedy_masks``: the greedy best mask sequence for k = 1..K skipped layers under any score;
+- ``greedy_order`` / ``greedy_masks``: the greedy skip order (best mask sequence for k = 1..K skipped
+  layers) under any score;
 - ``paired_bootstrap``: the 95% interval of a mean paired difference;
 - ``spread_sample``: a seeded sample spread over a file (one record per stratum).
 """
@@ -248,22 +249,45 @@ def static_mask(order: Sequence[int], k: int, L: int) -> np.ndarray:
     return m
 
 
-def greedy_masks(score: Callable[[np.ndarray], np.ndarray], L: int, k_max: int,
-                 pinned: Sequence[int] = ()) -> Dict[int, np.ndarray]:
-    """Greedy best masks: from every layer kept, skip at each step the layer whose removal gives the
-    lowest ``score`` (a function of masks [M, L] -> [M], lower is better). Returns {k: mask}."""
+def greedy_order(score: Callable[[np.ndarray], np.ndarray], L: int, k_max: int,
+                 pinned: Sequence[int] = (), prune: Optional[int] = None) -> dict:
+    """Greedy skip order: from every layer kept, skip at each step the layer whose removal gives the
+    lowest ``score`` (a function of masks [M, L] -> [M], lower is better). Returns ``order`` (the layer
+    skipped at steps 1..K), ``score`` (the score after each step), ``first`` {layer: the score of
+    skipping it alone} and ``last`` {layer: the score of skipping it at the last step} for the
+    candidates still kept. ``prune``: after the first step only the ``prune`` layers that were cheapest
+    to skip alone remain candidates (the rest are never skipped; ``first`` still scores them)."""
     cur = np.ones(L, dtype=bool)
     pin = set(int(p) for p in pinned)
-    out = {}
-    for k in range(1, k_max + 1):
+    order, scores, first, last = [], [], {}, {}
+    for step in range(k_max):
         cand = [l for l in range(L) if cur[l] and l not in pin]
         if not cand:
             break
         trial = np.repeat(cur[None], len(cand), 0)
         trial[np.arange(len(cand)), cand] = False
-        best = int(np.argmin(score(trial)))
-        cur = trial[best].copy()
-        out[k] = cur.copy()
+        s = np.asarray(score(trial), dtype=np.float64)
+        best = int(np.argmin(s))
+        cur[cand[best]] = False
+        order.append(int(cand[best]))
+        scores.append(float(s[best]))
+        last = {int(l): float(v) for j, (l, v) in enumerate(zip(cand, s)) if j != best}
+        if step == 0:
+            first = {int(l): float(v) for l, v in zip(cand, s)}
+            if prune is not None:
+                pin |= set(sorted(last, key=lambda l: (last[l], -l))[max(int(prune) - 1, 0):])
+    return {"order": order, "score": scores, "first": first, "last": last}
+
+
+def greedy_masks(score: Callable[[np.ndarray], np.ndarray], L: int, k_max: int,
+                 pinned: Sequence[int] = ()) -> Dict[int, np.ndarray]:
+    """Greedy best masks (``greedy_order``) for k = 1..K skipped layers: {k: mask}."""
+    order = greedy_order(score, L, k_max, pinned)["order"]
+    out = {}
+    for k in range(1, len(order) + 1):
+        m = np.ones(L, dtype=bool)
+        m[order[:k]] = False
+        out[k] = m
     return out
 
 

@@ -26,7 +26,7 @@ from runtime.errors import FirstEdgeError, cli_main
 from .evaluate import METHODS, evaluate, parse_list, read_run
 from .finetune import TrainConfig
 from .model import build_first_model
-from .rank import LabelSet, fit, init_from_importance, prior_from_costs
+from .rank import TASK_TARGETS, LabelSet, fit, init_from_importance, prior_from_costs
 
 
 def loto(run: Path, data_dir, prompts: int, budgets, continuation: int, calib: int, seed: int,
@@ -43,6 +43,13 @@ def loto(run: Path, data_dir, prompts: int, budgets, continuation: int, calib: i
     tasks = sorted(set(labels.tasks))
     costs = np.array(meta["costs"])
     ctasks = np.array(meta["calib_tasks"])
+    w_task = float(rcfg["train"].get("task_weight", 0.0))  # runs from before the task targets: toggle labels only
+    task_u = None
+    if w_task > 0:
+        f = run / "labels" / TASK_TARGETS
+        if not f.exists():
+            raise FirstEdgeError(f"{run} was fitted with task targets but {f} is missing (train it again)")
+        task_u = {t: np.array(v["u"]) for t, v in json.loads(f.read_text())["tasks"].items()}
     out = {"run": str(run), "prompts": prompts, "budgets": list(budgets), "tasks": {}}
     for x in tasks:
         t0 = time.time()
@@ -54,7 +61,8 @@ def loto(run: Path, data_dir, prompts: int, budgets, continuation: int, calib: i
         init_from_importance(fm, order)
         subset = np.flatnonzero(np.array(labels.tasks) != x)
         static = np.array(meta["static"], dtype=bool)  # the labels' reference mask (the run's)
-        fit(fm, labels, cfg, pinned, cfg.rank_steps, progress=False, subset=subset, static=static)
+        fit(fm, labels, cfg, pinned, cfg.rank_steps, progress=False, subset=subset, static=static,
+            task_u=task_u, task_weight=w_task)  # X's task targets exist but none of X's prompts is fitted
         res = evaluate(fm, tok, data_dir, "val", [x], prompts=prompts, budgets=budgets, thresholds=[],
                        continuation=continuation, max_prompt_tokens=cfg.max_prompt_tokens, calib=calib,
                        train_tasks=others, gen_prompts=0, seed=seed, progress=progress, log=lambda s: None)

@@ -40,13 +40,15 @@ import torch.nn.functional as F
 from runtime.errors import FirstEdgeError
 from runtime.masks import budget_mask, threshold_mask
 
-from .importance import (PromptState, Scorer, importance_order, single_skip_costs, spread_sample, static_mask,
-                         toggle_labels)
+from .importance import (PromptState, Scorer, greedy_order, importance_order, single_skip_costs, spread_sample,
+                         static_mask, toggle_labels)
 from .model import FirstModel
 
 LABELS_FORMAT = 1
 INIT_LO, INIT_HI = 2.0, 4.0   # router logits of the least and most important layer at initialisation
 CALIB_KS = (3, 6, 9, 12)
+TASK_WEIGHT = 0.0   # default weight of the task targets in the fit (TrainConfig.task_weight; docs/finetuning.md)
+TASK_TARGETS = "task_targets.json"
 
 
 # ------------------------------------------------------------------ init
@@ -248,6 +250,48 @@ def label_k(cfg, L: int, n_pinned: int) -> int:
     return max(1, min(int(k), L - n_pinned - 1))
 
 
+# ------------------------------------------------------------------ task targets
+def task_targets(scorer: Scorer, states: Dict[str, List[PromptState]], k_max: int, pinned, dist=None,
+                 prune: Optional[int] = None) -> dict:
+    """Per task, the greedy skip order on that task's calibration prompts (each step skips the layer that
+    raises the task's mean KL least; after the first step only the ``prune`` cheapest single skips stay
+    candidates) and ranking labels from it [L]: the layer skipped at step s gets the mean KL after step s
+    (made non-decreasing along the order); a candidate never skipped, the KL of skipping it at the last
+    step (at least the last step's); a pruned layer, the last step's KL plus its single-skip KL; a pinned
+    layer more than any. Higher = more important.
+    ``states``: {task: this process's prompt states of it}; with several processes each rank scores its
+    own and the sums are gathered, so every rank follows the same greedy path."""
+    from .distributed import current
+
+    dist = dist or current()
+    L = scorer.L
+    out = {}
+    for task in sorted(states):
+        mine = states[task]
+
+        def score(masks, mine=mine):
+            local = np.zeros(len(masks)) if not mine else np.sum([scorer.kl(ps, masks)[0] for ps in mine], 0)
+            parts = dist.merge({dist.rank: (local, len(mine))})
+            n = sum(c for _, c in parts.values())
+            return sum(v for v, _ in parts.values()) / max(n, 1)
+
+        g = greedy_order(score, L, k_max, pinned, prune=prune)
+        u = np.full(L, np.nan)
+        along = np.maximum.accumulate(np.asarray(g["score"], dtype=np.float64)) if g["order"] else np.zeros(0)
+        u[g["order"]] = along
+        floor = float(along[-1]) if len(along) else 0.0
+        for l, v in g["first"].items():
+            if l not in g["order"]:
+                u[l] = floor + v
+        for l, v in g["last"].items():
+            u[l] = max(v, floor)
+        top = float(np.nanmax(u)) if np.isfinite(u).any() else 0.0
+        u[np.isnan(u)] = top + 1.0
+        u[list(pinned)] = top + 1.0
+        out[task] = {"order": g["order"], "kl": [round(x, 5) for x in g["score"]], "u": [round(float(x), 5) for x in u]}
+    return out
+
+
 # ------------------------------------------------------------------ fit
 def rank_loss(z: torch.Tensor, u: torch.Tensor, free: torch.Tensor, cap: float, temperature: float,
               per_prompt: bool = False) -> torch.Tensor:
@@ -275,7 +319,8 @@ def predicted_delta(g: np.ndarray, u: np.ndarray, static: np.ndarray, pinned) ->
 
 
 def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: bool = True, log_path=None,
-        subset: Optional[np.ndarray] = None, static: Optional[np.ndarray] = None, dist=None) -> dict:
+        subset: Optional[np.ndarray] = None, static: Optional[np.ndarray] = None, dist=None,
+        task_u: Optional[Dict[str, np.ndarray]] = None, task_weight: float = 0.0) -> dict:
     """Ranking fit on the labels (all prompts, or the indices in ``subset``). With ``static`` (the mask
     the labels toggle around), ``cfg.holdout`` of the prompts are held out and the routers of the step
     (0 = the importance prior) with the lowest held-out ``predicted_delta`` are kept: training moves
@@ -283,7 +328,12 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
 
     Data parallel: the batches and the held-out set are those of one process; each rank computes the
     prompts of them it owns (``i % world == rank``), the loss is the global mean (``Dist.globalize``) and
-    the gradients are summed over ranks; rank 0 writes ``log_path``."""
+    the gradients are summed over ranks; rank 0 writes ``log_path``.
+
+    ``task_u`` {task: labels [L]} (``task_targets``) with ``task_weight`` w > 0: the loss is
+    ``(1 - w) * rank_loss(toggle labels) + w * rank_loss(the prompt's task labels)``, and the kept step is
+    the one with the lowest held-out value of that loss (the toggle labels' first-order ``predicted_delta``
+    does not score moves towards the task orders, which are far from the static mask)."""
     from .distributed import current
 
     dist = dist or current()
@@ -305,15 +355,41 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
     n = len(pool)
     if n == 0:
         raise FirstEdgeError("no labelled prompts to fit the routers on")
+    w_task = float(task_weight) if task_u else 0.0
+    if not 0.0 <= w_task <= 1.0:
+        raise FirstEdgeError(f"task weight {task_weight} must be in [0, 1]")
+
+    def task_labels(idx) -> torch.Tensor:
+        missing = sorted({str(labels.tasks[i]) for i in idx} - set(task_u))
+        if missing:
+            raise FirstEdgeError(f"no task targets for task(s) {', '.join(missing)}")
+        return torch.from_numpy(np.stack([np.asarray(task_u[str(labels.tasks[i])], dtype=np.float32)
+                                          for i in idx])).to(dev)
+
+    def objective(b, ut, per_prompt):
+        g = pooled_scores(fm, b["hidden"], b["pmask"]).clamp(1e-6, 1 - 1e-6)
+        z = torch.log(g) - torch.log1p(-g)
+        loss = 0.0
+        if w_task < 1.0:
+            loss = (1.0 - w_task) * rank_loss(z, b["u"], free, cfg.rank_cap, cfg.rank_temperature, per_prompt)
+        if w_task > 0.0:
+            loss = loss + w_task * rank_loss(z, ut, free, cfg.rank_cap, cfg.rank_temperature, per_prompt)
+        return loss
+
     my_held = dist.mine(held)
     hb = labels.batch(my_held, device=dev) if my_held else None
+    hu = task_labels(my_held) if (my_held and w_task > 0) else None
 
     def held_score() -> float:
         part = {}
         if hb is not None:
             with torch.no_grad():
-                g = pooled_scores(fm, hb["hidden"], hb["pmask"]).cpu().numpy()
-            part = dict(zip(my_held, predicted_delta(g, hb["u"].cpu().numpy(), static, pinned)))
+                if w_task > 0:
+                    vals = objective(hb, hu, True).cpu().numpy()
+                else:
+                    g = pooled_scores(fm, hb["hidden"], hb["pmask"]).cpu().numpy()
+                    vals = predicted_delta(g, hb["u"].cpu().numpy(), static, pinned)
+            part = dict(zip(my_held, vals))
         return float(np.mean(list(dist.merge(part).values())))
 
     def snapshot():
@@ -337,9 +413,7 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
         opt.zero_grad(set_to_none=True)
         if mine:
             b = labels.batch(mine, device=dev)
-            g = pooled_scores(fm, b["hidden"], b["pmask"]).clamp(1e-6, 1 - 1e-6)
-            z = torch.log(g) - torch.log1p(-g)
-            local = rank_loss(z, b["u"], free, cfg.rank_cap, cfg.rank_temperature, per_prompt=True).sum()
+            local = objective(b, task_labels(mine) if w_task > 0 else None, True).sum()
         else:
             local = torch.zeros((), device=dev)
         loss = dist.globalize(local) / len(idx)
@@ -350,7 +424,7 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
         last = {"step": step, "phase": "rank", "loss": float(loss.detach())}
         if best is not None and (step % cfg.eval_every == 0 or step == steps):
             h = held_score()
-            last["held_out_delta_kl"] = h
+            last["held_out_loss" if w_task > 0 else "held_out_delta_kl"] = h
             if h < best[0]:
                 best = (h, step, snapshot())
         if log_path is not None and dist.main:
@@ -363,7 +437,9 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
         bar.close()
     if best is not None:
         fm.routers.load_state_dict(best[2])
-        last = dict(last, kept_step=best[1], held_out_delta_kl=best[0], held_out_prompts=int(len(held)))
+        key = "held_out_loss" if w_task > 0 else "held_out_delta_kl"
+        last = dict(last, kept_step=best[1], held_out_prompts=int(len(held)))
+        last[key] = best[0]
     for p in params:
         p.requires_grad_(False)
     return last
@@ -439,6 +515,46 @@ def labels_key(cfg, fm: FirstModel, data_dir, tasks) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def load_task_targets(folder: Path, key: str, cfg, fm: FirstModel, encoded, eos, pinned, work, progress, log,
+                      dist) -> dict:
+    """``task_targets`` on the first ``calib_per_task`` training prompts of each task (the importance
+    prior's prompts), cached in ``<labels>/task_targets.json`` for the labels' key and ``task_k``."""
+    L = fm.n_layers
+    k_max = int(getattr(cfg, "task_k", 0) or label_k(cfg, L, len(pinned)))
+    k_max = max(1, min(k_max, L - len(pinned) - 1))
+    prune = 2 * k_max
+    f = Path(folder) / TASK_TARGETS
+    try:
+        got = json.loads(f.read_text())
+        if (got.get("key") == key and got.get("k_max") == k_max and got.get("prune") == prune
+                and got.get("pinned") == list(pinned)):
+            log(f"[finetune] reusing the task targets in {f}")
+            return got
+    except (OSError, ValueError):
+        pass
+    by_task: Dict[str, List[int]] = {}
+    for i, e in enumerate(encoded):
+        by_task.setdefault(e.record.task, []).append(i)
+    calib = [(t, i) for t in sorted(by_task) for i in by_task[t][:cfg.calib_per_task]]
+    scorer = Scorer(fm, work=work)
+    t0 = time.time()
+    states: Dict[str, List[PromptState]] = {t: [] for t in by_task}
+    for g in dist.mine(range(len(calib))):
+        t, i = calib[g]
+        states[t].append(scorer.prepare(encoded[i].prompt_ids, cfg.max_completion_tokens, eos))
+    tasks = task_targets(scorer, states, k_max, pinned, dist=dist, prune=prune)
+    got = {"key": key, "k_max": k_max, "prune": prune, "pinned": list(pinned), "prompts_per_task": int(cfg.calib_per_task),
+           "seconds": round(time.time() - t0, 1), "tasks": tasks}
+    if dist.main:
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(got, indent=1))
+        os.replace(tmp, f)
+    dist.barrier()
+    log(f"[finetune] task targets: greedy orders up to {k_max} skipped layers on {cfg.calib_per_task} prompts a task "
+        f"({got['seconds']:.0f} s): " + "; ".join(f"{t} {v['order'][:6]}" for t, v in tasks.items()))
+    return got
+
+
 def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, progress: bool = True,
                verbose: bool = True, fm: Optional[FirstModel] = None, tok=None) -> dict:
     """The rank recipe end to end (module doc); returns the summary written into routers.json.
@@ -494,6 +610,14 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
         meta = labels.meta
     measure_s = meta["measure_s"]
     fm.set_pinned(meta["pinned"])
+    # -- task targets (cached beside the labels)
+    w_task = float(getattr(cfg, "task_weight", TASK_WEIGHT))
+    targets, targets_s = None, 0.0
+    if w_task > 0:
+        t_tt = time.time()
+        targets = load_task_targets(labels.folder, key, cfg, fm, encoded, eos, meta["pinned"], work, progress, log,
+                                    dist)
+        targets_s = time.time() - t_tt
     # -- init and fit
     init_from_importance(fm, meta["order"])
     log_path = out / "train_log.jsonl"
@@ -501,7 +625,9 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
         log_path.unlink()
     t_fit = time.time()
     last = fit(fm, labels, cfg, meta["pinned"], cfg.rank_steps, progress=progress, log_path=log_path,
-               static=np.array(meta["static"], dtype=bool), dist=dist)
+               static=np.array(meta["static"], dtype=bool), dist=dist,
+               task_u={t: np.array(v["u"]) for t, v in targets["tasks"].items()} if targets else None,
+               task_weight=w_task)
     fit_s = time.time() - t_fit
     # -- calibrate thresholds on a spread sample of the val split
     t_cal = time.time()
@@ -513,6 +639,7 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
     cal_s = time.time() - t_cal
     cpu = dist.gather(round(_cpu_seconds(), 1))
     summary = {"recipe": "rank", "steps": cfg.rank_steps, "final": last, "measure_s": measure_s,
+               "task_weight": w_task, "task_targets_s": round(targets_s, 1),
                "fit_s": round(fit_s, 1), "calibrate_s": round(cal_s, 1), "total_s": round(time.time() - t_start, 1),
                "cpu_s": round(sum(cpu), 1), "cpu_s_per_rank": cpu, "threads": torch.get_num_threads(),
                "examples": len(labels), "tasks": tasks, "data": str(data_dir), "config": asdict(cfg),
@@ -520,7 +647,8 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
     extra = {"recipe": "rank", "lora": False, "model_dir": str(Path(model).resolve()) if model else None,
              "importance": {"kl_skip_one": [round(x, 5) for x in meta["prior"]], "order": meta["order"],
                             "prompts": meta["calib_prompts"], "label_k": meta["label_k"],
-                            "static_mask_skips": [i for i, k in enumerate(meta["static"]) if not k]},
+                            "static_mask_skips": [i for i, k in enumerate(meta["static"]) if not k],
+                            "task_orders": {t: v["order"] for t, v in targets["tasks"].items()} if targets else None},
              "calibration": calib, "train": summary}
     fm.routers.to("cpu")
     if dist.main:
