@@ -96,6 +96,7 @@ class TrainConfig:
     val_calib_per_task: int = 4      # val prompts per task for the threshold calibration
     task_weight: float = 0.0         # weight of the per-task greedy skip orders in the rank fit (0: toggle labels only)
     task_k: int = 0                  # greedy steps of those orders (0: label_k)
+    task_tokens: int = 12            # continuation tokens the greedy scores (0: all max_completion_tokens)
 
     @property
     def total_steps(self) -> int:

@@ -252,13 +252,15 @@ def label_k(cfg, L: int, n_pinned: int) -> int:
 
 # ------------------------------------------------------------------ task targets
 def task_targets(scorer: Scorer, states: Dict[str, List[PromptState]], k_max: int, pinned, dist=None,
-                 prune: Optional[int] = None) -> dict:
+                 prune: Optional[int] = None, tokens: Optional[int] = None) -> dict:
     """Per task, the greedy skip order on that task's calibration prompts (each step skips the layer that
     raises the task's mean KL least; after the first step only the ``prune`` cheapest single skips stay
     candidates) and ranking labels from it [L]: the layer skipped at step s gets the mean KL after step s
     (made non-decreasing along the order); a candidate never skipped, the KL of skipping it at the last
     step (at least the last step's); a pruned layer, the last step's KL plus its single-skip KL; a pinned
-    layer more than any. Higher = more important.
+    layer more than any. Higher = more important. ``tokens``: score only the first ``tokens`` positions of
+    each continuation (the greedy runs one batch of masks per prompt and step; half the positions, half the
+    time).
     ``states``: {task: this process's prompt states of it}; with several processes each rank scores its
     own and the sums are gathered, so every rank follows the same greedy path."""
     from .distributed import current
@@ -270,7 +272,8 @@ def task_targets(scorer: Scorer, states: Dict[str, List[PromptState]], k_max: in
         mine = states[task]
 
         def score(masks, mine=mine):
-            local = np.zeros(len(masks)) if not mine else np.sum([scorer.kl(ps, masks)[0] for ps in mine], 0)
+            local = (np.zeros(len(masks)) if not mine
+                     else np.sum([scorer.kl(ps, masks, upto=tokens)[0] for ps in mine], 0))
             parts = dist.merge({dist.rank: (local, len(mine))})
             n = sum(c for _, c in parts.values())
             return sum(v for v, _ in parts.values()) / max(n, 1)
@@ -523,11 +526,12 @@ def load_task_targets(folder: Path, key: str, cfg, fm: FirstModel, encoded, eos,
     k_max = int(getattr(cfg, "task_k", 0) or label_k(cfg, L, len(pinned)))
     k_max = max(1, min(k_max, L - len(pinned) - 1))
     prune = 2 * k_max
+    tokens = int(getattr(cfg, "task_tokens", 0) or cfg.max_completion_tokens)
     f = Path(folder) / TASK_TARGETS
     try:
         got = json.loads(f.read_text())
         if (got.get("key") == key and got.get("k_max") == k_max and got.get("prune") == prune
-                and got.get("pinned") == list(pinned)):
+                and got.get("tokens") == tokens and got.get("pinned") == list(pinned)):
             log(f"[finetune] reusing the task targets in {f}")
             return got
     except (OSError, ValueError):
@@ -542,8 +546,8 @@ def load_task_targets(folder: Path, key: str, cfg, fm: FirstModel, encoded, eos,
     for g in dist.mine(range(len(calib))):
         t, i = calib[g]
         states[t].append(scorer.prepare(encoded[i].prompt_ids, cfg.max_completion_tokens, eos))
-    tasks = task_targets(scorer, states, k_max, pinned, dist=dist, prune=prune)
-    got = {"key": key, "k_max": k_max, "prune": prune, "pinned": list(pinned), "prompts_per_task": int(cfg.calib_per_task),
+    tasks = task_targets(scorer, states, k_max, pinned, dist=dist, prune=prune, tokens=tokens)
+    got = {"key": key, "k_max": k_max, "prune": prune, "tokens": tokens, "pinned": list(pinned), "prompts_per_task": int(cfg.calib_per_task),
            "seconds": round(time.time() - t0, 1), "tasks": tasks}
     if dist.main:
         tmp = f.with_suffix(".tmp")
