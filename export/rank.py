@@ -20,6 +20,9 @@ Phases (``train_rank``):
 4. **fit**: a pairwise ranking loss per prompt on the router logits: for layers i, j with
    ``u_i > u_j``, ``min(u_i - u_j, cap) * softplus(-(z_i - z_j) / temperature)``, averaged per prompt;
    weight decay keeps the routers near the prior where the labels do not agree;
+   With ``task_weight`` > 0 (``--task-weight``) the fit also ranks by **task targets**: per task, a greedy
+   skip order measured on that task's calibration prompts (``task_targets``); the routers must recognise
+   the task from the prompt to follow them;
 5. **calibrate**: on a spread sample of the val split, the thresholds at which the routers skip 3, 6,
    9 and 12 layers on average, with the measured KL; the default threshold is the point nearest
    ``label_k`` skipped layers. Stored in ``routers.json`` (and the bundle manifest).
@@ -518,8 +521,7 @@ def labels_key(cfg, fm: FirstModel, data_dir, tasks) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_task_targets(folder: Path, key: str, cfg, fm: FirstModel, encoded, eos, pinned, work, progress, log,
-                      dist) -> dict:
+def load_task_targets(folder: Path, key: str, cfg, fm: FirstModel, encoded, eos, pinned, work, log, dist) -> dict:
     """``task_targets`` on the first ``calib_per_task`` training prompts of each task (the importance
     prior's prompts), cached in ``<labels>/task_targets.json`` for the labels' key and ``task_k``."""
     L = fm.n_layers
@@ -547,8 +549,8 @@ def load_task_targets(folder: Path, key: str, cfg, fm: FirstModel, encoded, eos,
         t, i = calib[g]
         states[t].append(scorer.prepare(encoded[i].prompt_ids, cfg.max_completion_tokens, eos))
     tasks = task_targets(scorer, states, k_max, pinned, dist=dist, prune=prune, tokens=tokens)
-    got = {"key": key, "k_max": k_max, "prune": prune, "tokens": tokens, "pinned": list(pinned), "prompts_per_task": int(cfg.calib_per_task),
-           "seconds": round(time.time() - t0, 1), "tasks": tasks}
+    got = {"key": key, "k_max": k_max, "prune": prune, "tokens": tokens, "pinned": list(pinned),
+           "prompts_per_task": int(cfg.calib_per_task), "seconds": round(time.time() - t0, 1), "tasks": tasks}
     if dist.main:
         tmp = f.with_suffix(".tmp")
         tmp.write_text(json.dumps(got, indent=1))
@@ -575,6 +577,9 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
     t_start = time.time()
     log = (lambda s: print(s, file=sys.stderr)) if verbose else (lambda s: None)
     out = Path(out)
+    w_task = float(getattr(cfg, "task_weight", TASK_WEIGHT))
+    if not 0.0 <= w_task <= 1.0:
+        raise FirstEdgeError(f"--task-weight {w_task:g} must be between 0 and 1")
     tasks = resolve_tasks(data_dir, tasks)
     labels = LabelSet(out / "labels")
     # -- prepare
@@ -615,12 +620,10 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
     measure_s = meta["measure_s"]
     fm.set_pinned(meta["pinned"])
     # -- task targets (cached beside the labels)
-    w_task = float(getattr(cfg, "task_weight", TASK_WEIGHT))
     targets, targets_s = None, 0.0
     if w_task > 0:
         t_tt = time.time()
-        targets = load_task_targets(labels.folder, key, cfg, fm, encoded, eos, meta["pinned"], work, progress, log,
-                                    dist)
+        targets = load_task_targets(labels.folder, key, cfg, fm, encoded, eos, meta["pinned"], work, log, dist)
         targets_s = time.time() - t_tt
     # -- init and fit
     init_from_importance(fm, meta["order"])

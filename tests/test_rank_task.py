@@ -138,3 +138,15 @@ def test_rank_recipe_with_task_targets_end_to_end(tmp_path, tiny_dir, data_dir):
     (run / "labels" / "task_targets.json").unlink()
     with pytest.raises(FirstEdgeError, match="task_targets.json is missing"):
         loto.loto(run, data, 2, [1], 4, 2, 0, progress=False)
+
+
+@pytest.mark.parametrize("w", ["2", "-0.5"])
+def test_cli_refuses_a_task_weight_outside_0_1(tmp_path, tiny_dir, data_dir, capsys, w):
+    from export import finetune as ft
+
+    with pytest.raises(SystemExit) as e:
+        ft.main(["--data", str(data_dir), "--out", str(tmp_path / "r"), "--model", str(tiny_dir), "--preset", "tiny",
+                 "--task-weight", w])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--task-weight" in err and "between 0 and 1" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r" / "labels").exists()  # refused before measuring
