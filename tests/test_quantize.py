@@ -35,7 +35,10 @@ def _matmulnbits(qw, K: int, N: int, bits: int, x: np.ndarray) -> np.ndarray:
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     m.ir_version = 9
-    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    from runtime.ort_backend import session_options  # the process may already run ORT on the global pool
+
+    return ort.InferenceSession(m.SerializeToString(), session_options(2),
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
 def _weight_and_hessian(N=48, K=80, seed=0):
