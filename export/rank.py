@@ -50,7 +50,6 @@ from .model import FirstModel
 LABELS_FORMAT = 1
 INIT_LO, INIT_HI = 2.0, 4.0   # router logits of the least and most important layer at initialisation
 CALIB_KS = (3, 6, 9, 12)
-TASK_WEIGHT = 0.0   # default weight of the task targets in the fit (TrainConfig.task_weight; docs/finetuning.md)
 TASK_TARGETS = "task_targets.json"
 
 
@@ -525,10 +524,10 @@ def load_task_targets(folder: Path, key: str, cfg, fm: FirstModel, encoded, eos,
     """``task_targets`` on the first ``calib_per_task`` training prompts of each task (the importance
     prior's prompts), cached in ``<labels>/task_targets.json`` for the labels' key and ``task_k``."""
     L = fm.n_layers
-    k_max = int(getattr(cfg, "task_k", 0) or label_k(cfg, L, len(pinned)))
+    k_max = int(cfg.task_k or label_k(cfg, L, len(pinned)))
     k_max = max(1, min(k_max, L - len(pinned) - 1))
     prune = 2 * k_max
-    tokens = int(getattr(cfg, "task_tokens", 0) or cfg.max_completion_tokens)
+    tokens = int(cfg.task_tokens or cfg.max_completion_tokens)
     f = Path(folder) / TASK_TARGETS
     try:
         got = json.loads(f.read_text())
@@ -577,7 +576,7 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
     t_start = time.time()
     log = (lambda s: print(s, file=sys.stderr)) if verbose else (lambda s: None)
     out = Path(out)
-    w_task = float(getattr(cfg, "task_weight", TASK_WEIGHT))
+    w_task = float(cfg.task_weight)
     if not 0.0 <= w_task <= 1.0:
         raise FirstEdgeError(f"--task-weight {w_task:g} must be between 0 and 1")
     tasks = resolve_tasks(data_dir, tasks)
