@@ -94,9 +94,11 @@ class TrainConfig:
     holdout: float = 0.2             # labelled prompts held out to choose the step (0 = keep the last)
     eval_every: int = 10
     val_calib_per_task: int = 4      # val prompts per task for the threshold calibration
-    task_weight: float = 0.0         # weight of the per-task greedy skip orders in the rank fit (0: toggle labels only)
+    task_weight: float = 1.0         # weight of the per-task greedy skip orders in the rank fit (0: toggle labels
+                                     # only; 1, the default: task targets only, and the toggle labels are not measured)
     task_k: int = 0                  # greedy steps of those orders (0: label_k)
     task_tokens: int = 12            # continuation tokens the greedy scores (0: all max_completion_tokens)
+    task_prompts: int = 0            # training prompts a task the greedy orders are measured on (0: calib_per_task)
 
     @property
     def total_steps(self) -> int:
@@ -113,7 +115,7 @@ PRESETS: Dict[str, dict] = {
                   calib_per_task=3, val_calib_per_task=3),
     "full": dict(per_task=48, max_prompt_tokens=256, max_completion_tokens=24, batch_size=16,
                  soft_steps=100, hard_steps=200, lora_steps=60, lr=3e-3, rank_steps=300,
-                 calib_per_task=6, val_calib_per_task=6),
+                 calib_per_task=6, val_calib_per_task=6, task_prompts=12),
     # for tests
     "tiny": dict(per_task=4, max_prompt_tokens=64, max_completion_tokens=8, batch_size=4,
                  soft_steps=3, hard_steps=3, lora_steps=2, save_every=2, kd_topk=8, rank_steps=6,

@@ -10,7 +10,8 @@ Phases (``train_rank``):
      prompts); layers that cost more than ``pin_nats`` on at least 90% of those prompts are
      **pinned**;
    - the static mask S skips the ``label_k`` least important layers;
-   - for every training prompt, the **toggle labels** ``u[l]`` (``export.importance.toggle_labels``):
+   - for every training prompt, with ``task_weight`` below 1 only, the **toggle labels** ``u[l]``
+     (``export.importance.toggle_labels``):
      what removing kept layer l from S costs, or what adding skipped layer l gains, in KL nats
      per token on that prompt's continuation; and the routers' inputs (the pooled prompt hidden
      states entering each layer).
@@ -20,9 +21,9 @@ Phases (``train_rank``):
 4. **fit**: a pairwise ranking loss per prompt on the router logits: for layers i, j with
    ``u_i > u_j``, ``min(u_i - u_j, cap) * softplus(-(z_i - z_j) / temperature)``, averaged per prompt;
    weight decay keeps the routers near the prior where the labels do not agree;
-   With ``task_weight`` > 0 (``--task-weight``) the fit also ranks by **task targets**: per task, a greedy
-   skip order measured on that task's calibration prompts (``task_targets``); the routers must recognise
-   the task from the prompt to follow them;
+   With ``task_weight`` > 0 (``--task-weight``; default 1: task targets only) the fit ranks by **task
+   targets**: per task, a greedy skip order measured on ``task_prompts`` training prompts of that task
+   (``task_targets``); the routers must recognise the task from the prompt to follow them;
 5. **calibrate**: on a spread sample of the val split, the thresholds at which the routers skip 3, 6,
    9 and 12 layers on average, with the measured KL; the default threshold is the point nearest
    ``label_k`` skipped layers. Stored in ``routers.json`` (and the bundle manifest).
@@ -131,6 +132,13 @@ class LabelSet:
             _remove_stale_parts(self.folder, parts)
         dist.barrier()
 
+    def meta_toggles(self) -> bool:
+        """Whether the labels hold toggle labels (``False``: measured for ``--task-weight 1``, router inputs only)."""
+        try:
+            return bool(json.loads((self.folder / "meta.json").read_text()).get("toggles", True))
+        except (OSError, ValueError):
+            return False
+
     def open(self):
         self.meta = json.loads((self.folder / "meta.json").read_text())
         z = np.load(self.folder / "labels.npz")
@@ -180,11 +188,12 @@ def pooled_scores(fm: FirstModel, hidden: torch.Tensor, pmask: torch.Tensor) -> 
 
 
 def measure(fm: FirstModel, encoded, tasks: List[str], cfg, eos, progress: bool = True, log=print, dist=None,
-            scorer: Optional[Scorer] = None) -> dict:
+            scorer: Optional[Scorer] = None, toggles: bool = True) -> dict:
     """Importance prior, pinned layers, static mask, and per-prompt labels with router inputs.
     Data parallel: each rank measures its share of the calibration prompts (the costs are gathered, so
     every rank derives the same prior, pins and static mask) and the labels of its share of the
-    prompts (``indices``); one process measures everything."""
+    prompts (``indices``); one process measures everything. ``toggles=False`` (``--task-weight 1``, whose
+    fit reads only the task targets): the router inputs alone (one prefill a prompt), the labels zero."""
     from .distributed import current
 
     dist = dist or current()
@@ -221,8 +230,9 @@ def measure(fm: FirstModel, encoded, tasks: List[str], cfg, eos, progress: bool 
         f"static mask skips {sorted(int(x) for x in np.flatnonzero(~S))}")
     us, k0s, kept_states = [], [], []
     for i in mine:
-        ps = states.pop(i, None) or scorer.prepare(encoded[i].prompt_ids, n_new, eos, keep_hidden=True)
-        u, k0 = toggle_labels(scorer, ps, S)
+        ps = states.pop(i, None) or scorer.prepare(encoded[i].prompt_ids, n_new if toggles else 1, eos,
+                                                   keep_hidden=True)
+        u, k0 = toggle_labels(scorer, ps, S) if toggles else (np.zeros(L, dtype=np.float32), 0.0)
         ps.kv = None  # only the router inputs are kept
         us.append(u)
         k0s.append(k0)
@@ -521,9 +531,11 @@ def labels_key(cfg, fm: FirstModel, data_dir, tasks) -> str:
 
 
 def load_task_targets(folder: Path, key: str, cfg, fm: FirstModel, encoded, eos, pinned, work, log, dist) -> dict:
-    """``task_targets`` on the first ``calib_per_task`` training prompts of each task (the importance
-    prior's prompts), cached in ``<labels>/task_targets.json`` for the labels' key and ``task_k``."""
+    """``task_targets`` on the first ``task_prompts`` (default ``calib_per_task``: the importance prior's)
+    training prompts of each task, cached in ``<labels>/task_targets.json`` for the labels' key, ``task_k``,
+    the prompt count and the scored tokens."""
     L = fm.n_layers
+    n_prompts = int(cfg.task_prompts or cfg.calib_per_task)
     k_max = int(cfg.task_k or label_k(cfg, L, len(pinned)))
     k_max = max(1, min(k_max, L - len(pinned) - 1))
     prune = 2 * k_max
@@ -532,7 +544,8 @@ def load_task_targets(folder: Path, key: str, cfg, fm: FirstModel, encoded, eos,
     try:
         got = json.loads(f.read_text())
         if (got.get("key") == key and got.get("k_max") == k_max and got.get("prune") == prune
-                and got.get("tokens") == tokens and got.get("pinned") == list(pinned)):
+                and got.get("tokens") == tokens and got.get("pinned") == list(pinned)
+                and got.get("prompts_per_task") == n_prompts):
             log(f"[finetune] reusing the task targets in {f}")
             return got
     except (OSError, ValueError):
@@ -540,7 +553,7 @@ def load_task_targets(folder: Path, key: str, cfg, fm: FirstModel, encoded, eos,
     by_task: Dict[str, List[int]] = {}
     for i, e in enumerate(encoded):
         by_task.setdefault(e.record.task, []).append(i)
-    calib = [(t, i) for t in sorted(by_task) for i in by_task[t][:cfg.calib_per_task]]
+    calib = [(t, i) for t in sorted(by_task) for i in by_task[t][:n_prompts]]
     scorer = Scorer(fm, work=work)
     t0 = time.time()
     states: Dict[str, List[PromptState]] = {t: [] for t in by_task}
@@ -549,13 +562,13 @@ def load_task_targets(folder: Path, key: str, cfg, fm: FirstModel, encoded, eos,
         states[t].append(scorer.prepare(encoded[i].prompt_ids, cfg.max_completion_tokens, eos))
     tasks = task_targets(scorer, states, k_max, pinned, dist=dist, prune=prune, tokens=tokens)
     got = {"key": key, "k_max": k_max, "prune": prune, "tokens": tokens, "pinned": list(pinned),
-           "prompts_per_task": int(cfg.calib_per_task), "seconds": round(time.time() - t0, 1), "tasks": tasks}
+           "prompts_per_task": n_prompts, "seconds": round(time.time() - t0, 1), "tasks": tasks}
     if dist.main:
         tmp = f.with_suffix(".tmp")
         tmp.write_text(json.dumps(got, indent=1))
         os.replace(tmp, f)
     dist.barrier()
-    log(f"[finetune] task targets: greedy orders up to {k_max} skipped layers on {cfg.calib_per_task} prompts a task "
+    log(f"[finetune] task targets: greedy orders up to {k_max} skipped layers on {n_prompts} prompts a task "
         f"({got['seconds']:.0f} s): " + "; ".join(f"{t} {v['order'][:6]}" for t, v in tasks.items()))
     return got
 
@@ -597,17 +610,22 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
     if dtype not in distributed.DTYPES:
         dtype = "bf16" if cfg.bf16 else "fp32"
     work = distributed.working_copy(fm, dtype, dist.device)  # routers shared with fm, on the device
-    # -- measure (cached)
-    if labels.complete(key):
+    # -- measure (cached); with --task-weight 1 the fit reads no toggle labels, so they are not measured
+    toggles = w_task < 1.0
+    if labels.complete(key) and (labels.meta_toggles() or not toggles):
         labels.open()
         meta = labels.meta
         log(f"[finetune] reusing the measured labels in {labels.folder} ({len(labels)} prompts)")
     else:
         if resume:
+            if labels.complete(key):
+                raise FirstEdgeError(f"{labels.folder} holds no toggle labels (measured for --task-weight 1); "
+                                     f"--task-weight {w_task:g} needs them: start a new --out")
             raise FirstEdgeError(f"{labels.folder} was measured for other data or settings; start a new --out")
         fm.set_pinned([])
-        m = measure(fm, encoded, tasks, cfg, eos, progress=progress, log=log, dist=dist, scorer=Scorer(fm, work=work))
-        meta = {"prior": m["prior"].tolist(), "pinned": m["pinned"], "order": [int(x) for x in m["order"]],
+        m = measure(fm, encoded, tasks, cfg, eos, progress=progress, log=log, dist=dist, scorer=Scorer(fm, work=work),
+                    toggles=toggles)
+        meta = {"toggles": toggles, "prior": m["prior"].tolist(), "pinned": m["pinned"], "order": [int(x) for x in m["order"]],
                 "label_k": m["label_k"], "static": [bool(x) for x in m["static"]], "measure_s": round(m["measure_s"], 1),
                 "calib_prompts": int(len(m["costs"])), "costs": np.round(m["costs"], 4).tolist(),
                 "calib_tasks": m["calib_tasks"], "pin_nats": cfg.pin_nats}

@@ -151,7 +151,9 @@ def test_two_processes_train_and_evaluate_as_one(setup):
 
 def test_rank_recipe_two_processes_as_one(setup):
     root, base = setup["root"], setup["base"]
-    rank = ["--preset", "tiny", "--rank-steps", 8, "--label-k", 2, "--pin-nats", 50, "--no-progress", "--keep-cache"]
+    # task weight 0.5: both the toggle labels and the task targets are measured and fitted
+    rank = ["--preset", "tiny", "--rank-steps", 8, "--label-k", 2, "--pin-nats", 50, "--task-weight", 0.5,
+            "--no-progress", "--keep-cache"]
     in_process(ft.main, base + rank + ["--out", root / "rank1"])
     torchrun(2, "export.finetune", base + rank + ["--out", root / "rank2"])
     diff = max_router_diff(root / "rank1", root / "rank2")
@@ -165,7 +167,7 @@ def test_rank_recipe_two_processes_as_one(setup):
     from export.rank import LabelSet
 
     l1, l2 = LabelSet(root / "rank1" / "labels").open(), LabelSet(root / "rank2" / "labels").open()
-    assert np.abs(l1.u - l2.u).max() <= TOL and l1.tasks == l2.tasks
+    assert np.abs(l1.u).max() > 0 and np.abs(l1.u - l2.u).max() <= TOL and l1.tasks == l2.tasks
     b1, b2 = l1.batch(range(len(l1))), l2.batch(range(len(l2)))
     assert torch.equal(b1["hidden"], b2["hidden"])
 

@@ -128,9 +128,19 @@ def test_rank_recipe_with_task_targets_end_to_end(tmp_path, tiny_dir, data_dir):
     assert set(tt["tasks"]) == {"arithmetic", "translate"} and tt["k_max"] == 2
     rj = json.loads((run / "routers.json").read_text())
     assert rj["importance"]["task_orders"] == {t: v["order"] for t, v in tt["tasks"].items()}
+    assert tt["prompts_per_task"] == cfg.calib_per_task  # task_prompts 0: the importance prior's prompts
+    lab = LabelSet(run / "labels").open()
+    assert lab.meta["toggles"] is False and not lab.u.any()  # weight 1: no toggle labels measured
     t = (run / "labels" / "task_targets.json").stat().st_mtime
     ft.train(str(tiny_dir), str(data), str(run), cfg, progress=False, verbose=False, resume=True)
     assert (run / "labels" / "task_targets.json").stat().st_mtime == t  # reused, not measured again
+    cfg.task_weight = 0.5
+    with pytest.raises(FirstEdgeError, match="holds no toggle labels"):
+        ft.train(str(tiny_dir), str(data), str(run), cfg, progress=False, verbose=False, resume=True)
+    cfg.task_weight, cfg.task_prompts = 1.0, 3
+    ft.train(str(tiny_dir), str(data), str(run), cfg, progress=False, verbose=False, resume=True)
+    tt = json.loads((run / "labels" / "task_targets.json").read_text())
+    assert tt["prompts_per_task"] == 3  # another prompt count: measured again
     out = tmp_path / "loto"
     loto.main(["--run", str(run), "--data", str(data), "--prompts", "2", "--budgets", "1", "--continuation", "4",
                "--calib", "2", "--out", str(out), "--no-progress"])
