@@ -3,7 +3,7 @@
 running on the ONNX Runtime backend (prints a table).
 
     python bench/quality_onnx.py --bundles dist/a,dist/b,... [--data ../shared/data] [--limit 10 | --sample 8]
-                                 [--seed 0] [--tasks qa,arithmetic,...] [--max-new-tokens 48]
+                                 [--seed 0] [--tasks qa,arithmetic,...] [--max-new-tokens 48] [--wait S]
 
 Per task, the ``val`` records (the first ``--limit``, or with ``--sample N`` a seeded sample of N spread over the
 file, as export/evaluate.py samples), greedy decoding, scored with the metric each record
@@ -63,6 +63,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--wait", type=float, default=0, help="seconds to wait for a bundle that is still being built "
+                    "(no manifest.json yet) when its turn comes")
     args = ap.parse_args()
     if args.sample:
         from export.importance import spread_sample
@@ -76,6 +78,9 @@ def main():
     first_tokens = {}
     first_logp = {}  # (mode, task, i) -> float16 log-probabilities of the first bundle along its continuation
     for bi, bpath in enumerate(bundles):
+        deadline = time.time() + args.wait
+        while not (bpath / "manifest.json").exists() and time.time() < deadline:
+            time.sleep(10)
         b = Bundle(bpath)
         tok = BundleTokenizer(b)
         be = OrtBackend(b, threads=args.threads)

@@ -1,7 +1,7 @@
 """Build a deployable bundle (DESIGN.md section 3).
 
     python -m export.build --target rpi|android [--model DIR] [--run runs/NAME] [--quantize ...] --out dist/NAME
-                           [--sign-key FILE] [--quant-algo rtn|hqq|gptq --data DIR]
+                           [--sign-key FILE] [--quant-algo rtn|hqq|gptq --data DIR] [--int8-weights KINDS]
 
 ``--target rpi`` writes ONNX graphs for ONNX Runtime (export/onnx_export.py); ``--target android``
 writes one ExecuTorch ``model.pte`` (export/et_export.py). Both share the manifest, tokenizer,
@@ -11,6 +11,7 @@ HMAC-SHA256 of manifest.json under the key file's raw bytes (a device with the s
 refuses bundles that do not carry it: runtime/bundle.py).
 ``--quant-algo`` (rpi, ``--quantize int4``; same as ``--opt quant_algo=...``) picks how the 4-bit weights are computed
 (export/quantize_onnx.py); ``gptq`` calibrates on the train split of the task data folder ``--data DIR``.
+``--int8-weights`` (same as ``--opt int8_weights=...``) keeps the named int4 weights at 8 bits (mixed precision).
 """
 from __future__ import annotations
 
@@ -100,6 +101,13 @@ def build(target: str, out, model: Optional[str] = None, run: Optional[str] = No
                              f"(choose from {', '.join(qchoices)})")
     algo = opts.get("quant_algo")
     calib_per_task = opts.pop("calib_per_task", None)
+    if opts.get("int8_weights") is not None:  # checked before the (long) build
+        if target != "rpi":
+            raise FirstEdgeError("int8_weights is for --target rpi --quantize int4")
+        from .quantize_onnx import parse_int8_weights
+        from .onnx_export import QUANT_BITS
+
+        parse_int8_weights(opts["int8_weights"], QUANT_BITS[quantize])
     if algo is not None:  # checked before the (long) build
         if target != "rpi":
             raise FirstEdgeError(f"--quant-algo is for --target rpi (--target {target} has its own --quantize schemes)")
@@ -190,6 +198,9 @@ def main(argv=None):
                     help="target-specific option passed to build_graphs (e.g. decode_shape=split)")
     ap.add_argument("--quant-algo", help="rpi --quantize int4: rtn (default), hqq or gptq (needs --data); "
                     "the same as --opt quant_algo=...")
+    ap.add_argument("--int8-weights", metavar="KINDS", help="rpi --quantize int4: these weights at 8 bits (mixed "
+                    "precision), comma-separated kinds (lm_head, embed_tokens, qkv_proj, o_proj, gate_proj, up_proj, "
+                    "down_proj) or name globs (layers.0.*); the same as --opt int8_weights=...")
     ap.add_argument("--data", metavar="DIR", help="task data folder: its train split calibrates --quant-algo gptq")
     ap.add_argument("--sign-key", metavar="FILE", help="sign the bundle: write manifest.sig, the HMAC-SHA256 of "
                     "manifest.json under this key file's raw bytes (devices whose trusted key is this file accept it)")
@@ -197,6 +208,8 @@ def main(argv=None):
     opts = dict(o.split("=", 1) for o in args.opt)
     if args.quant_algo is not None:
         opts["quant_algo"] = args.quant_algo
+    if args.int8_weights is not None:
+        opts["int8_weights"] = args.int8_weights
     build(args.target, args.out, model=args.model, run=args.run, quantize=args.quantize,
           max_context=args.max_context, sign_key=args.sign_key, data=args.data, **opts)
 

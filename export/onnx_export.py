@@ -45,7 +45,7 @@ from runtime.errors import FirstEdgeError
 from runtime.graph_io import Dims, TensorSpec, graph_io, kv_names, model_dims
 from runtime.masks import mask_str
 
-from .quantize_onnx import ALGOS, DEFAULT_ALGO, Quantizer, check_algo
+from .quantize_onnx import ALGOS, DEFAULT_ALGO, Quantizer, check_algo, check_int8_patterns, parse_int8_weights
 
 OPSET = 17
 MS = "com.microsoft"
@@ -182,12 +182,13 @@ class GraphBuilder:
         if self.bits is None:
             y = self.op("MatMul", [x, self.const(prefix + ".weight", np.ascontiguousarray(w.T))], name=prefix)[0]
         else:
-            qw = _quantizer(self.bits).linear(prefix, w)
+            qz = _quantizer(self.bits)
+            qw = qz.linear(prefix, w)
             ins = [x, self.const(prefix + ".qweight", qw.packed), self.const(prefix + ".scales", qw.scales)]
             if qw.zero_points is not None:
                 ins.append(self.const(prefix + ".zero_points", qw.zero_points))
             y = self.op("MatMulNBits", ins,
-                        domain=MS, name=prefix, K=K, N=N, bits=self.bits, block_size=BLOCK_SIZE,
+                        domain=MS, name=prefix, K=K, N=N, bits=qz.bits_for(prefix), block_size=BLOCK_SIZE,
                         accuracy_level=4)[0]
         if b is not None:
             y = self.op("Add", [y, self.const(prefix + ".bias", b)], name=prefix + "/bias")[0]
@@ -199,8 +200,9 @@ class GraphBuilder:
         if self.bits is None:
             return self.op("Gather", [self.const("embed_tokens.weight", weights.embed), ids], name="embed_tokens",
                            outputs=outs)[0]
-        bits = self.bits
-        qw = _quantizer(bits).embedding("embed_tokens", weights.embed)
+        qz = _quantizer(self.bits)
+        qw = qz.embedding("embed_tokens", weights.embed)
+        bits = qz.bits_for("embed_tokens")
         return self.op("GatherBlockQuantized", [self.const("embed_tokens.qweight", qw.packed.reshape(weights.V, -1)), ids,
                                                 self.const("embed_tokens.scales", qw.scales)],
                        domain=MS, name="embed_tokens", outputs=outs, bits=bits, block_size=BLOCK_SIZE,
@@ -601,14 +603,15 @@ def check_extend(ref, be, ids: np.ndarray, mask: np.ndarray, n_new: int, rng, vo
 # ------------------------------------------------------------------ entry point (export/build.py)
 def build_graphs(fm, out_dir, *, quantize: str = "none", max_context: int = 1024, verbose: bool = True,
                  decode_shape: str = DEFAULT_DECODE_SHAPE, validate_graphs=True, quant_algo: str = DEFAULT_ALGO,
-                 calibration=None, **opts) -> dict:
+                 calibration=None, int8_weights=None, **opts) -> dict:
     """``quant_algo`` (int4; int8 is always rtn): rtn|hqq|gptq (export/quantize_onnx.py); ``calibration``: token
-    id sequences for gptq (export/build.py reads them from ``--data``)."""
+    id sequences for gptq (export/build.py reads them from ``--data``); ``int8_weights`` (int4): comma-separated
+    weight kinds or name globs stored at 8 bits (mixed precision, export/quantize_onnx.py)."""
     global _ACTIVE_QUANTIZER
     if opts:
         raise FirstEdgeError(f"unknown option(s) for --target rpi: {', '.join(sorted(opts))} "
                              f"(known: decode_shape=fused|split|both, validate_graphs=0|1, "
-                             f"quant_algo={'|'.join(ALGOS)})")
+                             f"quant_algo={'|'.join(ALGOS)}, int8_weights=KIND|GLOB,...)")
     if decode_shape not in DECODE_SHAPES:
         raise FirstEdgeError(f"decode_shape must be one of {', '.join(DECODE_SHAPES)}, got {decode_shape!r}")
     if quantize not in QUANT_BITS:
@@ -617,6 +620,8 @@ def build_graphs(fm, out_dir, *, quantize: str = "none", max_context: int = 1024
         validate_graphs = False
     bits = QUANT_BITS[quantize]
     check_algo(quant_algo, bits, calibration)
+    int8_patterns = parse_int8_weights(int8_weights, bits)
+    check_int8_patterns(int8_patterns, fm.n_layers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -634,7 +639,7 @@ def build_graphs(fm, out_dir, *, quantize: str = "none", max_context: int = 1024
         graphs["split"] = {"embed": "embed.onnx", "layers": [f"layer_{l}.onnx" for l in range(weights.L)],
                            "head": "head.onnx"}
     quantizer = None if bits is None else Quantizer(bits, quant_algo, block=BLOCK_SIZE, fm=fm, calibration=calibration,
-                                                    verbose=verbose)
+                                                    verbose=verbose, int8_weights=int8_patterns)
     _ACTIVE_QUANTIZER = quantizer
     try:
         files = save_shared(models, out)
@@ -651,7 +656,8 @@ def build_graphs(fm, out_dir, *, quantize: str = "none", max_context: int = 1024
         "kv_cache": "shared_buffer",  # past_key_values.{l}.* and present.{l}.* are one max_context buffer
         "opset": OPSET,
         "weights": "float32" if bits is None else f"MatMulNBits int{bits} block {BLOCK_SIZE} {quant_algo}, "
-                                                  f"accuracy_level 4; embeddings GatherBlockQuantized int{bits} rtn",
+                                                  f"accuracy_level 4; embeddings GatherBlockQuantized int{bits} rtn"
+                                                  + (f"; 8-bit rtn: {','.join(int8_patterns)}" if int8_patterns else ""),
         "dtype": "float32",
     }
     if quantizer is not None:

@@ -22,9 +22,14 @@ Every graph asks for the same weight by the same name (prefill, extend, decode a
 :class:`Quantizer` quantizes each name once and hands every graph the same bytes: the one shared
 ``weights.data`` (``save_shared``) keeps each tensor once. Embeddings (``GatherBlockQuantized``, read one row a
 token) always use ``rtn``.
+
+Mixed precision (``int8_weights``): the named int4 weights are stored as 8-bit ``MatMulNBits`` /
+``GatherBlockQuantized`` (``rtn``'s 8-bit kernel, whatever the 4-bit algorithm), every other one stays 4-bit;
+each weight still has one name and one copy, only its ``bits`` attribute differs.
 """
 from __future__ import annotations
 
+import fnmatch
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +47,10 @@ CALIB_PER_TASK = 4  # train prompts a task for GPTQ (spread over each file, seed
 CALIB_MAX_TOKENS = 256  # prompt + reference completion, capped
 GPTQ_PERCDAMP = 0.01
 GPTQ_BLOCKSIZE = 128
+# int8_weights=: short names for a kind of weight (the last part of the graph name); anything else is a glob over
+# the full names (layers.{l}.attn.qkv_proj, layers.{l}.attn.o_proj, layers.{l}.mlp.gate_proj / up_proj / down_proj,
+# lm_head, embed_tokens)
+WEIGHT_KINDS = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens")
 
 
 @dataclass
@@ -250,9 +259,12 @@ class Quantizer:
     """Quantizes each named weight once for every graph of a build (same name -> same bytes)."""
 
     def __init__(self, bits: int, algo: str = DEFAULT_ALGO, block: int = BLOCK_SIZE, fm=None,
-                 calibration: Optional[Sequence[np.ndarray]] = None, verbose: bool = False):
+                 calibration: Optional[Sequence[np.ndarray]] = None, verbose: bool = False,
+                 int8_weights: Optional[str] = None):
         check_algo(algo, bits, calibration)
         self.bits, self.algo, self.block = bits, algo, block
+        self.int8_patterns = parse_int8_weights(int8_weights, bits)
+        self.int8_names: List[str] = []
         self.verbose = verbose
         self._cache: Dict[str, QWeight] = {}
         self._src: Dict[str, tuple] = {}
@@ -268,15 +280,23 @@ class Quantizer:
             self.calib_prompts = len(calibration)
             self.seconds += time.time() - t0
 
+    def bits_for(self, name: str) -> int:
+        """8 for a weight ``int8_weights`` names, else the build's bits."""
+        return 8 if self.int8_patterns and weight_matches(name, self.int8_patterns) else self.bits
+
     def linear(self, name: str, w: np.ndarray) -> QWeight:
-        """The quantized form of the torch Linear weight ``w`` [N, K] the graphs call ``name``."""
+        """The quantized form of the torch Linear weight ``w`` [N, K] the graphs call ``name`` (with
+        :meth:`bits_for` ``name`` bits)."""
         key = (w.shape, float(w.reshape(-1)[:: max(1, w.size // 64)].sum()))
         if name in self._cache:
             if self._src[name] != key:
                 raise FirstEdgeError(f"ONNX export: weight {name} quantized twice with different values")
             return self._cache[name]
         t0 = time.time()
-        if self.algo == "hqq":
+        if self.bits_for(name) != self.bits:
+            qw = quantize_rtn(w, self.bits_for(name), self.block)
+            self.int8_names.append(name)
+        elif self.algo == "hqq":
             qw = quantize_hqq(w, self.bits, self.block)
         elif self.algo == "gptq":
             if name not in self._h:
@@ -294,14 +314,19 @@ class Quantizer:
     def embedding(self, name: str, table: np.ndarray) -> QWeight:
         """The embedding table [V, D] for GatherBlockQuantized (rows quantized along D, always ``rtn``)."""
         if name not in self._cache:
-            self._cache[name] = quantize_rtn(table, self.bits, self.block)
+            self._cache[name] = quantize_rtn(table, self.bits_for(name), self.block)
             self._src[name] = None
+            if self.bits_for(name) != self.bits:
+                self.int8_names.append(name)
         return self._cache[name]
 
     def describe(self) -> dict:
         d = {"algorithm": self.algo, "bits": self.bits, "block_size": self.block,
              "symmetric": self.algo != "hqq", "library": "onnxruntime.quantization " + _ort_version(),
              "embeddings": "rtn"}
+        if self.int8_patterns:
+            d["int8_weights"] = {"rule": ",".join(self.int8_patterns), "algorithm": "rtn", "bits": 8,
+                                 "names": sorted(self.int8_names)}
         if self.algo == "gptq":
             d["calibration"] = {"prompts": self.calib_prompts, "tokens": self.calib_tokens, "split": "train",
                                 "percdamp": GPTQ_PERCDAMP, "blocksize": GPTQ_BLOCKSIZE}
@@ -324,3 +349,40 @@ def check_algo(algo, bits: Optional[int], calibration=None) -> None:
         raise FirstEdgeError(f"--quant-algo {algo} is for --quantize int4 (int8 uses rtn)")
     if algo == "gptq" and not calibration:
         raise FirstEdgeError("--quant-algo gptq needs calibration prompts: pass --data DIR (the task data folder)")
+
+
+def parse_int8_weights(spec, bits: Optional[int]) -> tuple:
+    """``int8_weights=`` (comma-separated kinds or globs over weight names, see ``WEIGHT_KINDS``) as a tuple of
+    patterns; one-line errors for an empty entry, a character outside names and globs, or a build without int4."""
+    if spec is None or spec == "" or (isinstance(spec, (list, tuple)) and not spec):
+        return ()
+    items = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec)]
+    if bits != 4:
+        raise FirstEdgeError(f"int8_weights={','.join(items)} is for --quantize int4 (8-bit copies of some int4 weights)")
+    for p in items:
+        if not p or not all(c.isalnum() or c in "._*?[]-" for c in p):
+            raise FirstEdgeError(f"int8_weights={','.join(items)}: bad entry {p!r} (comma-separated kinds "
+                                 f"{', '.join(WEIGHT_KINDS)} or globs over names like layers.0.mlp.down_proj)")
+    return tuple(items)
+
+
+def weight_matches(name: str, patterns: Sequence[str]) -> bool:
+    """``name`` (e.g. layers.3.mlp.down_proj) is a kind in ``patterns`` or matches one of its globs."""
+    kind = name.rsplit(".", 1)[-1]
+    return any(p == kind if p in WEIGHT_KINDS else fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def quantized_names(n_layers: int) -> List[str]:
+    """The names of every weight an int4 build quantizes (the graph names)."""
+    names = [f"layers.{l}.{k}" for l in range(n_layers)
+             for k in ("attn.qkv_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    return names + ["lm_head", "embed_tokens"]
+
+
+def check_int8_patterns(patterns: Sequence[str], n_layers: int) -> None:
+    """Every pattern names at least one weight of the model (one-line error otherwise)."""
+    names = quantized_names(n_layers)
+    for p in patterns:
+        if not any(weight_matches(n, (p,)) for n in names):
+            raise FirstEdgeError(f"int8_weights: {p!r} matches no weight of this model (kinds: {', '.join(WEIGHT_KINDS)}; "
+                                 f"names like layers.0.mlp.down_proj, layers.{n_layers - 1}.*)")

@@ -214,3 +214,154 @@ def test_cli_quant_algo_errors(tiny_dir, tmp_path, args, msg):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and msg in p.stderr, p.stderr
     assert len([ln for ln in p.stderr.splitlines() if ln.strip()]) == 1, p.stderr
+
+
+# ---------------------------------------------------------------- mixed precision (int8_weights)
+MIXED = "lm_head,embed_tokens,down_proj,layers.0.*"
+
+
+def _expected_8bit(name: str, n_layers: int) -> bool:
+    return name in ("lm_head", "embed_tokens") or name.endswith("down_proj") or name.startswith("layers.0.")
+
+
+@pytest.fixture(scope="module")
+def mixed_bundle(bundles, tiny_dir, run_dir, calib_data, tmp_path_factory):
+    from export.build import build
+
+    return build("rpi", tmp_path_factory.mktemp("mixed") / "int4-gptq-mixed", model=str(tiny_dir), run=str(run_dir),
+                 quantize="int4", max_context=MAX_CTX, verbose=False, decode_shape="both", quant_algo="gptq",
+                 data=str(calib_data), int8_weights=MIXED)
+
+
+def _qnodes(bundle: Path):
+    """(op_type, weight name, bits) of every MatMulNBits / GatherBlockQuantized node of every graph."""
+    import onnx
+
+    idx = json.loads((bundle / "weights.json").read_text())
+    out = set()
+    for f in idx["graphs"]:
+        m = onnx.load(str(bundle / f), load_external_data=False)
+        for n in _all_nodes(m.graph):
+            if n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+                bits = next(a.i for a in n.attribute if a.name == "bits")
+                w = n.input[1] if n.op_type == "MatMulNBits" else n.input[0]
+                out.add((n.op_type, w.rsplit(".", 1)[0], bits))
+    return out
+
+
+def test_mixed_precision_bundle_bits_bytes_and_manifest(mixed_bundle, bundles, ref_model):
+    from export.quantize_onnx import quantize_rtn
+
+    fm, _ = ref_model
+    L = fm.n_layers
+    nodes = _qnodes(mixed_bundle)
+    names = {w for _, w, _ in nodes}
+    assert {"lm_head", "embed_tokens", f"layers.{L - 1}.attn.qkv_proj"} <= names
+    for op, w, bits in nodes:  # every graph asks for the same name at the same bits
+        assert bits == (8 if _expected_8bit(w, L) else 4), (op, w, bits)
+    assert len({w for _, w, _ in nodes}) == len({(w, b) for _, w, b in nodes})
+    q = json.loads((mixed_bundle / "manifest.json").read_text())["graphs"]["quantizer"]
+    assert q["algorithm"] == "gptq" and q["int8_weights"]["rule"] == MIXED
+    assert sorted(q["int8_weights"]["names"]) == sorted(w for w in names if _expected_8bit(w, L))
+    # one copy of each tensor; 8-bit weights are rtn's 8-bit kernel, the 4-bit ones exactly the plain gptq bundle's
+    idx, t = _tensors(mixed_bundle)
+    _, plain = _tensors(bundles["int4", "gptq"])
+    assert len(idx["tensors"]) == len(set(idx["tensors"]))
+    for n in t:
+        if n.endswith(".qweight") or n.endswith(".scales"):
+            if _expected_8bit(n.rsplit(".", 1)[0], L):
+                assert t[n] != plain[n] and len(t[n]) >= len(plain[n]), n
+            else:
+                assert t[n] == plain[n], n
+    w = fm.layers[1].mlp.down_proj.weight.detach().numpy()
+    assert t["layers.1.mlp.down_proj.qweight"] == quantize_rtn(w, 8).packed.tobytes()
+    emb = fm.base.embed_tokens.weight.detach().numpy()
+    assert len(t["embed_tokens.qweight"]) == emb.size  # 8 bits: one byte a weight
+
+
+def _dequantized_model(fm, bundle: Path):
+    """A copy of ``fm`` whose quantized weights are the bundle's, dequantized (the PyTorch twin of the bundle)."""
+    import copy
+
+    import torch
+
+    from export.quantize_onnx import QWeight
+
+    import onnx
+    from onnx import numpy_helper
+
+    # the prefill graph holds every weight (small ones inline, the rest in weights.data)
+    t = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(bundle / "prefill.onnx")).graph.initializer}
+    bits = {w: b for _, w, b in _qnodes(bundle)}
+    fq = copy.deepcopy(fm)
+
+    def deq(name, N, K):
+        packed = t[name + ".qweight"].reshape(N, -1, 32 * bits[name] // 8)
+        scales = t[name + ".scales"].reshape(N, -1)
+        return torch.from_numpy(QWeight(packed, scales, None).dequantize(K, bits[name]).copy())
+
+    with torch.no_grad():
+        for l, lay in enumerate(fq.layers):
+            a, m = lay.self_attn, lay.mlp
+            qkv = [a.q_proj, a.k_proj, a.v_proj]
+            full = deq(f"layers.{l}.attn.qkv_proj", sum(p.weight.shape[0] for p in qkv), qkv[0].weight.shape[1])
+            for p, part in zip(qkv, torch.split(full, [p.weight.shape[0] for p in qkv])):
+                p.weight.copy_(part)
+            for mod, n in ((a.o_proj, "attn.o_proj"), (m.gate_proj, "mlp.gate_proj"), (m.up_proj, "mlp.up_proj"),
+                           (m.down_proj, "mlp.down_proj")):
+                mod.weight.copy_(deq(f"layers.{l}.{n}", *mod.weight.shape))
+        emb = fq.base.embed_tokens.weight
+        head = fq.hf.lm_head.weight
+        if head is emb:  # tied in PyTorch, two tensors in the bundle: untie the copy
+            fq.hf.lm_head.weight = torch.nn.Parameter(head.detach().clone())
+            head = fq.hf.lm_head.weight
+        emb.copy_(deq("embed_tokens", *emb.shape))
+        head.copy_(deq("lm_head", *head.shape))
+    return fq
+
+
+def test_mixed_precision_bundle_matches_its_dequantized_pytorch_twin(mixed_bundle, ref_model):
+    from export.reference import TorchBackend
+    from runtime.ort_backend import OrtBackend
+
+    fm, _ = ref_model
+    twin = _dequantized_model(fm, mixed_bundle)
+    be = OrtBackend(Bundle(mixed_bundle), threads=1)
+    ids = np.random.default_rng(5).integers(3, 90, 10).astype(np.int64)
+    mask = np.ones(fm.n_layers, bool)
+    got = generate(be, ids, SamplingConfig(max_new_tokens=1), mask=mask, keep_logits=True)
+    be.close()
+    ref = generate(TorchBackend(twin, MAX_CTX), ids, SamplingConfig(max_new_tokens=1), mask=mask, keep_logits=True)
+    orig = generate(TorchBackend(fm, MAX_CTX), ids, SamplingConfig(max_new_tokens=1), mask=mask, keep_logits=True)
+
+    def dist(a, c):
+        return float(np.abs(np.asarray(a) - np.asarray(c)).max() / np.abs(np.asarray(a)).max())
+
+    # ONNX Runtime computes with the twin's weights (int8 activations of accuracy_level 4 are the only difference):
+    # much closer to the twin than the twin is to the fp32 model
+    d_twin = dist(ref.first_logits, got.first_logits)
+    assert d_twin < 0.05 and d_twin < 0.5 * dist(orig.first_logits, ref.first_logits), d_twin
+
+
+def test_int8_weights_bad_values_are_one_line_errors(tiny_dir, tmp_path):
+    from export.build import build
+
+    cases = [({"int8_weights": "lm_head"}, "int8", "int8_weights=lm_head is for --quantize int4"),
+             ({"int8_weights": "lm_head"}, "none", "int8_weights=lm_head is for --quantize int4"),
+             ({"int8_weights": "lm_head,,down_proj"}, "int4", "bad entry ''"),
+             ({"int8_weights": "down proj"}, "int4", "bad entry 'down proj'"),
+             ({"int8_weights": "layers.99.*"}, "int4", "'layers.99.*' matches no weight of this model"),
+             ({"int8_weights": "lm_heads"}, "int4", "'lm_heads' matches no weight")]
+    for kw, quant, msg in cases:
+        with pytest.raises(FirstEdgeError) as e:
+            build("rpi", tmp_path / "b", model=str(tiny_dir), quantize=quant, max_context=MAX_CTX, verbose=False, **kw)
+        assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_int8_weights_error(tiny_dir, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "export.build", "--target", "rpi", "--model", str(tiny_dir),
+                        "--quantize", "int8", "--int8-weights", "lm_head", "--out", str(tmp_path / "b")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "int8_weights=lm_head is for --quantize int4" in p.stderr, p.stderr
+    assert len([ln for ln in p.stderr.splitlines() if ln.strip()]) == 1, p.stderr
