@@ -118,7 +118,10 @@ def main():
                         agree.append(float(np.mean([a == c for a, c in zip(ref[:n], r.tokens[:n])])) if n else 0.0)
                 res_task[task] = (float(np.mean(s)), recs[0].metric, kls)
             q = b.manifest.get("quantization")
-            algo = (b.manifest.get("graphs", {}).get("quantizer") or {}).get("algorithm")
+            qz = b.manifest.get("graphs", {}).get("quantizer") or {}
+            algo = qz.get("algorithm")
+            if algo and qz.get("int8_weights"):  # mixed precision: the 8-bit rule after the 4-bit algorithm
+                algo += " + 8-bit " + qz["int8_weights"]["rule"]
             all_kl = [k for t in res_task.values() for k in t[2]]
             rows.append({"bundle": bpath.name, "quant": f"{q} {algo}" if algo else (q if q == "none" else f"{q} (before)"),
                          "mode": mode, "tasks": res_task, "kept": float(np.mean(kept)),
