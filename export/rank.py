@@ -230,10 +230,10 @@ def measure(fm: FirstModel, encoded, tasks: List[str], cfg, eos, progress: bool 
         f"static mask skips {sorted(int(x) for x in np.flatnonzero(~S))}")
     us, k0s, kept_states = [], [], []
     for i in mine:
-        ps = states.pop(i, None) or scorer.prepare(encoded[i].prompt_ids, n_new if toggles else 1, eos,
-                                                   keep_hidden=True)
+        ps = states.get(i) or scorer.prepare(encoded[i].prompt_ids, n_new if toggles else 1, eos, keep_hidden=True)
         u, k0 = toggle_labels(scorer, ps, S) if toggles else (np.zeros(L, dtype=np.float32), 0.0)
-        ps.kv = None  # only the router inputs are kept
+        if i not in states:
+            ps.kv = None  # only the router inputs are kept (the calibration prompts' states go to the task targets)
         us.append(u)
         k0s.append(k0)
         kept_states.append(ps)
@@ -244,7 +244,7 @@ def measure(fm: FirstModel, encoded, tasks: List[str], cfg, eos, progress: bool 
     return {"prior": prior, "costs": costs, "calib_tasks": [encoded[i].record.task for i in calib_idx],
             "pinned": pinned, "order": order, "static": S, "label_k": k,
             "u": np.array(us, dtype=np.float32).reshape(len(mine), L), "k0": np.array(k0s, dtype=np.float32),
-            "states": kept_states, "indices": mine, "measure_s": time.time() - t0,
+            "states": kept_states, "indices": mine, "measure_s": time.time() - t0, "calib_states": states,
             "tasks": [encoded[i].record.task for i in mine]}
 
 
@@ -530,10 +530,12 @@ def labels_key(cfg, fm: FirstModel, data_dir, tasks) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_task_targets(folder: Path, key: str, cfg, fm: FirstModel, encoded, eos, pinned, work, log, dist) -> dict:
+def load_task_targets(folder: Path, key: str, cfg, fm: FirstModel, encoded, eos, pinned, work, log, dist,
+                      reuse: Optional[Dict[int, PromptState]] = None) -> dict:
     """``task_targets`` on the first ``task_prompts`` (default ``calib_per_task``: the importance prior's)
     training prompts of each task, cached in ``<labels>/task_targets.json`` for the labels' key, ``task_k``,
-    the prompt count and the scored tokens."""
+    the prompt count and the scored tokens. ``reuse`` {prompt index: state}: prompt states this process
+    already prepared (the measure phase's calibration prompts), not prepared again."""
     L = fm.n_layers
     n_prompts = int(cfg.task_prompts or cfg.calib_per_task)
     k_max = int(cfg.task_k or label_k(cfg, L, len(pinned)))
@@ -559,7 +561,9 @@ def load_task_targets(folder: Path, key: str, cfg, fm: FirstModel, encoded, eos,
     states: Dict[str, List[PromptState]] = {t: [] for t in by_task}
     for g in dist.mine(range(len(calib))):
         t, i = calib[g]
-        states[t].append(scorer.prepare(encoded[i].prompt_ids, cfg.max_completion_tokens, eos))
+        got = (reuse or {}).get(i)
+        states[t].append(got if got is not None and got.kv is not None
+                         else scorer.prepare(encoded[i].prompt_ids, cfg.max_completion_tokens, eos))
     tasks = task_targets(scorer, states, k_max, pinned, dist=dist, prune=prune, tokens=tokens)
     got = {"key": key, "k_max": k_max, "prune": prune, "tokens": tokens, "pinned": list(pinned),
            "prompts_per_task": n_prompts, "seconds": round(time.time() - t0, 1), "tasks": tasks}
@@ -612,6 +616,7 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
     work = distributed.working_copy(fm, dtype, dist.device)  # routers shared with fm, on the device
     # -- measure (cached); with --task-weight 1 the fit reads no toggle labels, so they are not measured
     toggles = w_task < 1.0
+    calib_states: Dict[int, PromptState] = {}
     if labels.complete(key) and (labels.meta_toggles() or not toggles):
         labels.open()
         meta = labels.meta
@@ -630,8 +635,10 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
                 "calib_prompts": int(len(m["costs"])), "costs": np.round(m["costs"], 4).tolist(),
                 "calib_tasks": m["calib_tasks"], "pin_nats": cfg.pin_nats}
         dist.barrier()  # no rank reads an old meta.json while rank 0 replaces it
+        calib_states = m["calib_states"]
         labels.write(key, meta, m["states"], m["u"], m["k0"], m["tasks"], indices=m["indices"], L=fm.n_layers,
                      D=fm.hidden_size, dist=dist)
+        del m  # the router inputs are on disk now
         labels.open()
         meta = labels.meta
     measure_s = meta["measure_s"]
@@ -640,8 +647,10 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
     targets, targets_s = None, 0.0
     if w_task > 0:
         t_tt = time.time()
-        targets = load_task_targets(labels.folder, key, cfg, fm, encoded, eos, meta["pinned"], work, log, dist)
+        targets = load_task_targets(labels.folder, key, cfg, fm, encoded, eos, meta["pinned"], work, log, dist,
+                                    reuse=calib_states)
         targets_s = time.time() - t_tt
+    calib_states = {}
     # -- init and fit
     init_from_importance(fm, meta["order"])
     log_path = out / "train_log.jsonl"

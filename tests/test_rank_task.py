@@ -134,6 +134,10 @@ def test_rank_recipe_with_task_targets_end_to_end(tmp_path, tiny_dir, data_dir):
     t = (run / "labels" / "task_targets.json").stat().st_mtime
     ft.train(str(tiny_dir), str(data), str(run), cfg, progress=False, verbose=False, resume=True)
     assert (run / "labels" / "task_targets.json").stat().st_mtime == t  # reused, not measured again
+    (run / "labels" / "task_targets.json").unlink()  # measured again from freshly prepared prompts ...
+    ft.train(str(tiny_dir), str(data), str(run), cfg, progress=False, verbose=False, resume=True)
+    again = json.loads((run / "labels" / "task_targets.json").read_text())
+    assert again["tasks"] == tt["tasks"]  # ... equal to the first run's, which reused the measure phase's states
     cfg.task_weight = 0.5
     with pytest.raises(FirstEdgeError, match="holds no toggle labels"):
         ft.train(str(tiny_dir), str(data), str(run), cfg, progress=False, verbose=False, resume=True)
