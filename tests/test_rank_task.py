@@ -123,7 +123,7 @@ def test_rank_recipe_with_task_targets_end_to_end(tmp_path, tiny_dir, data_dir):
     cfg.rank_steps, cfg.label_k, cfg.pin_nats, cfg.task_weight = 8, 2, 50.0, 1.0
     run = tmp_path / "run"
     summary = ft.train(str(tiny_dir), str(data), str(run), cfg, progress=False, verbose=False)
-    assert summary["task_weight"] == 1.0 and summary["task_targets_s"] > 0
+    assert summary["task_weight"] == 1.0 and "task_targets_s" in summary  # on a tiny model it can round to 0.0 s
     tt = json.loads((run / "labels" / "task_targets.json").read_text())
     assert set(tt["tasks"]) == {"arithmetic", "translate"} and tt["k_max"] == 2
     rj = json.loads((run / "routers.json").read_text())
