@@ -630,7 +630,8 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
         fm.set_pinned([])
         m = measure(fm, encoded, tasks, cfg, eos, progress=progress, log=log, dist=dist, scorer=Scorer(fm, work=work),
                     toggles=toggles)
-        meta = {"toggles": toggles, "prior": m["prior"].tolist(), "pinned": m["pinned"], "order": [int(x) for x in m["order"]],
+        meta = {"toggles": toggles, "prior": m["prior"].tolist(), "pinned": m["pinned"],
+                "order": [int(x) for x in m["order"]],
                 "label_k": m["label_k"], "static": [bool(x) for x in m["static"]], "measure_s": round(m["measure_s"], 1),
                 "calib_prompts": int(len(m["costs"])), "costs": np.round(m["costs"], 4).tolist(),
                 "calib_tasks": m["calib_tasks"], "pin_nats": cfg.pin_nats}
