@@ -132,13 +132,6 @@ class LabelSet:
             _remove_stale_parts(self.folder, parts)
         dist.barrier()
 
-    def meta_toggles(self) -> bool:
-        """Whether the labels hold toggle labels (``False``: measured for ``--task-weight 1``, router inputs only)."""
-        try:
-            return bool(json.loads((self.folder / "meta.json").read_text()).get("toggles", True))
-        except (OSError, ValueError):
-            return False
-
     def open(self):
         self.meta = json.loads((self.folder / "meta.json").read_text())
         z = np.load(self.folder / "labels.npz")
@@ -561,9 +554,7 @@ def load_task_targets(folder: Path, key: str, cfg, fm: FirstModel, encoded, eos,
     states: Dict[str, List[PromptState]] = {t: [] for t in by_task}
     for g in dist.mine(range(len(calib))):
         t, i = calib[g]
-        got = (reuse or {}).get(i)
-        states[t].append(got if got is not None and got.kv is not None
-                         else scorer.prepare(encoded[i].prompt_ids, cfg.max_completion_tokens, eos))
+        states[t].append((reuse or {}).get(i) or scorer.prepare(encoded[i].prompt_ids, cfg.max_completion_tokens, eos))
     tasks = task_targets(scorer, states, k_max, pinned, dist=dist, prune=prune, tokens=tokens)
     got = {"key": key, "k_max": k_max, "prune": prune, "tokens": tokens, "pinned": list(pinned),
            "prompts_per_task": n_prompts, "seconds": round(time.time() - t0, 1), "tasks": tasks}
@@ -617,13 +608,16 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
     # -- measure (cached); with --task-weight 1 the fit reads no toggle labels, so they are not measured
     toggles = w_task < 1.0
     calib_states: Dict[int, PromptState] = {}
-    if labels.complete(key) and (labels.meta_toggles() or not toggles):
+    measured = labels.complete(key)
+    if measured:
         labels.open()
+    # labels measured for --task-weight 1 hold no toggle labels ("toggles": false in their meta.json)
+    if measured and (not toggles or labels.meta.get("toggles", True)):
         meta = labels.meta
         log(f"[finetune] reusing the measured labels in {labels.folder} ({len(labels)} prompts)")
     else:
         if resume:
-            if labels.complete(key):
+            if measured:
                 raise FirstEdgeError(f"{labels.folder} holds no toggle labels (measured for --task-weight 1); "
                                      f"--task-weight {w_task:g} needs them: start a new --out")
             raise FirstEdgeError(f"{labels.folder} was measured for other data or settings; start a new --out")
