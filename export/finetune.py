@@ -99,6 +99,8 @@ class TrainConfig:
     task_k: int = 0                  # greedy steps of those orders (0: label_k)
     task_tokens: int = 12            # continuation tokens the greedy scores (0: all max_completion_tokens)
     task_prompts: int = 0            # training prompts a task the greedy orders are measured on (0: calib_per_task)
+    level_weight: float = 1.0        # weight of the score-level term (export/rank.py level_loss; needs task targets)
+    level_budget: float = 0.5        # per-token KL (nats) that router score 0.5 stands for under the level term
 
     @property
     def total_steps(self) -> int:

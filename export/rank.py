@@ -52,6 +52,7 @@ LABELS_FORMAT = 1
 INIT_LO, INIT_HI = 2.0, 4.0   # router logits of the least and most important layer at initialisation
 CALIB_KS = (3, 6, 9, 12)
 TASK_TARGETS = "task_targets.json"
+LEVEL_THRESHOLD = 0.5  # the default threshold of routers fitted with the level term: --level-budget nats a token
 
 
 # ------------------------------------------------------------------ init
@@ -313,6 +314,23 @@ def rank_loss(z: torch.Tensor, u: torch.Tensor, free: torch.Tensor, cap: float, 
     return per if per_prompt else per.mean()
 
 
+def level_targets(u: torch.Tensor, budget: float) -> torch.Tensor:
+    """Router logits the level term aims at for task labels ``u`` (a task's mean KL per token after its
+    greedy order has skipped up to that layer): ``log(u / budget)``, so the score ``sigmoid(z) = u / (u +
+    budget)`` and threshold t skips exactly the layers whose ``u`` is below ``budget * t / (1 - t)``: a
+    per-token KL budget that follows each task's cost (t = 0.5: ``budget`` nats)."""
+    return torch.log(u.clamp_min(1e-3) / budget).clamp(-8.0, 8.0)
+
+
+def level_loss(z: torch.Tensor, u: torch.Tensor, free: torch.Tensor, budget: float,
+               per_prompt: bool = False) -> torch.Tensor:
+    """Huber distance of the router logits z [B, L] from ``level_targets(u)`` over the free layers,
+    averaged per prompt (``per_prompt``: [B])."""
+    d = F.smooth_l1_loss(z, level_targets(u, budget), reduction="none", beta=1.0)
+    per = (d * free.float().view(1, -1)).sum(1) / free.float().sum().clamp_min(1.0)
+    return per if per_prompt else per.mean()
+
+
 def predicted_delta(g: np.ndarray, u: np.ndarray, static: np.ndarray, pinned) -> np.ndarray:
     """First-order KL change, per prompt, of the budget mask the scores ``g`` [N, L] choose at the
     static mask's budget, relative to the static mask, from the toggle labels ``u`` [N, L]: each
@@ -328,7 +346,8 @@ def predicted_delta(g: np.ndarray, u: np.ndarray, static: np.ndarray, pinned) ->
 
 def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: bool = True, log_path=None,
         subset: Optional[np.ndarray] = None, static: Optional[np.ndarray] = None, dist=None,
-        task_u: Optional[Dict[str, np.ndarray]] = None, task_weight: float = 0.0) -> dict:
+        task_u: Optional[Dict[str, np.ndarray]] = None, task_weight: float = 0.0, level_weight: float = 0.0,
+        level_budget: float = 0.5) -> dict:
     """Ranking fit on the labels (all prompts, or the indices in ``subset``). With ``static`` (the mask
     the labels toggle around), ``cfg.holdout`` of the prompts are held out and the routers of the step
     (0 = the importance prior) with the lowest held-out ``predicted_delta`` are kept: training moves
@@ -341,7 +360,11 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
     ``task_u`` {task: labels [L]} (``task_targets``) with ``task_weight`` w > 0: the loss is
     ``(1 - w) * rank_loss(toggle labels) + w * rank_loss(the prompt's task labels)``, and the kept step is
     the one with the lowest held-out value of that loss (the toggle labels' first-order ``predicted_delta``
-    does not score moves towards the task orders, which are far from the static mask)."""
+    does not score moves towards the task orders, which are far from the static mask).
+
+    ``level_weight`` > 0 (with task targets) adds ``level_weight * level_loss``: the routers' score level,
+    not only their order, follows the task labels, so a threshold skips more layers on cheap tasks and
+    fewer on costly ones (``level_targets``)."""
     from .distributed import current
 
     dist = dist or current()
@@ -366,6 +389,9 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
     w_task = float(task_weight) if task_u else 0.0
     if not 0.0 <= w_task <= 1.0:
         raise FirstEdgeError(f"task weight {task_weight} must be in [0, 1]")
+    w_level = float(level_weight) if task_u else 0.0
+    if w_level < 0 or not level_budget > 0:
+        raise FirstEdgeError(f"level weight {level_weight} must be >= 0 and level budget {level_budget} > 0")
 
     def task_labels(idx) -> torch.Tensor:
         missing = sorted({str(labels.tasks[i]) for i in idx} - set(task_u))
@@ -382,17 +408,20 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
             loss = (1.0 - w_task) * rank_loss(z, b["u"], free, cfg.rank_cap, cfg.rank_temperature, per_prompt)
         if w_task > 0.0:
             loss = loss + w_task * rank_loss(z, ut, free, cfg.rank_cap, cfg.rank_temperature, per_prompt)
+        if w_level > 0.0:
+            loss = loss + w_level * level_loss(z, ut, free, level_budget, per_prompt)
         return loss
 
     my_held = dist.mine(held)
     hb = labels.batch(my_held, device=dev) if my_held else None
-    hu = task_labels(my_held) if (my_held and w_task > 0) else None
+    uses_task = w_task > 0 or w_level > 0
+    hu = task_labels(my_held) if (my_held and uses_task) else None
 
     def held_score() -> float:
         part = {}
         if hb is not None:
             with torch.no_grad():
-                if w_task > 0:
+                if uses_task:
                     vals = objective(hb, hu, True).cpu().numpy()
                 else:
                     g = pooled_scores(fm, hb["hidden"], hb["pmask"]).cpu().numpy()
@@ -421,7 +450,7 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
         opt.zero_grad(set_to_none=True)
         if mine:
             b = labels.batch(mine, device=dev)
-            local = objective(b, task_labels(mine) if w_task > 0 else None, True).sum()
+            local = objective(b, task_labels(mine) if uses_task else None, True).sum()
         else:
             local = torch.zeros((), device=dev)
         loss = dist.globalize(local) / len(idx)
@@ -432,7 +461,7 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
         last = {"step": step, "phase": "rank", "loss": float(loss.detach())}
         if best is not None and (step % cfg.eval_every == 0 or step == steps):
             h = held_score()
-            last["held_out_loss" if w_task > 0 else "held_out_delta_kl"] = h
+            last["held_out_loss" if uses_task else "held_out_delta_kl"] = h
             if h < best[0]:
                 best = (h, step, snapshot())
         if log_path is not None and dist.main:
@@ -445,7 +474,7 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
         bar.close()
     if best is not None:
         fm.routers.load_state_dict(best[2])
-        key = "held_out_loss" if w_task > 0 else "held_out_delta_kl"
+        key = "held_out_loss" if uses_task else "held_out_delta_kl"
         last = dict(last, kept_step=best[1], held_out_prompts=int(len(held)))
         last[key] = best[0]
     for p in params:
@@ -455,9 +484,10 @@ def fit(fm: FirstModel, labels: LabelSet, cfg, pinned, steps: int, progress: boo
 
 # ------------------------------------------------------------------ calibrate
 def calibrate(fm: FirstModel, prompts: List[List[int]], eos, n_new: int, bf16, ks=CALIB_KS, progress=True,
-              dist=None, work: Optional[FirstModel] = None) -> dict:
+              dist=None, work: Optional[FirstModel] = None, thresholds=()) -> dict:
     """Thresholds at which the routers skip k layers on average over ``prompts`` (mean over prompts),
-    with the measured mean KL and top-1 agreement there, and budget mode's KL at the same k.
+    with the measured mean KL and top-1 agreement there, and budget mode's KL at the same k; also the
+    points of the given ``thresholds`` (``target_skipped`` None; budget mode at their rounded mean skip).
     Data parallel: each rank scores its share of the prompts; scores and KLs are gathered."""
     from .distributed import current
 
@@ -488,15 +518,18 @@ def calibrate(fm: FirstModel, prompts: List[List[int]], eos, n_new: int, bf16, k
                 best = float(t)
         if best is not None:
             chosen.append((k, best))
+    chosen += [(None, float(t)) for t in thresholds if all(abs(float(t) - c) > 1e-9 for _, c in chosen)]
+    chosen.sort(key=lambda kt: kt[1])
+    budget_k = [k if k is not None else min(int(round(mean_skipped(t))), L - len(fm.pinned) - 1) for k, t in chosen]
     part = {}
     for j, s in states.items():
-        rows = [m for k, t in chosen
-                for m in (threshold_mask(s.scores, t, fm.pinned), budget_mask(s.scores, L - k, fm.pinned))]
+        rows = [m for (k, t), bk in zip(chosen, budget_k)
+                for m in (threshold_mask(s.scores, t, fm.pinned), budget_mask(s.scores, L - bk, fm.pinned))]
         part[j] = scorer.kl(s, np.stack(rows)) if rows else (np.zeros(0), np.zeros(0))
     res = list(dist.merge(part).values())
     table = []
     for c, (k, best) in enumerate(chosen):
-        table.append({"threshold": best, "target_skipped": k, "mean_skipped": mean_skipped(best),
+        table.append({"threshold": best, "target_skipped": k, "mean_skipped": mean_skipped(best), "budget_k": budget_k[c],
                       "kl": float(np.mean([r[0][2 * c] for r in res])),
                       "top1": float(np.mean([r[1][2 * c] for r in res])),
                       "budget_kl": float(np.mean([r[0][2 * c + 1] for r in res]))})
@@ -587,6 +620,9 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
     w_task = float(cfg.task_weight)
     if not 0.0 <= w_task <= 1.0:
         raise FirstEdgeError(f"--task-weight {w_task:g} must be between 0 and 1")
+    if cfg.level_weight < 0 or not cfg.level_budget > 0:
+        raise FirstEdgeError(f"--level-weight {cfg.level_weight:g} must be >= 0 and --level-budget "
+                             f"{cfg.level_budget:g} above 0")
     tasks = resolve_tasks(data_dir, tasks)
     labels = LabelSet(out / "labels")
     # -- prepare
@@ -655,19 +691,24 @@ def train_rank(model, data_dir, out, cfg, tasks=None, resume: bool = False, prog
     last = fit(fm, labels, cfg, meta["pinned"], cfg.rank_steps, progress=progress, log_path=log_path,
                static=np.array(meta["static"], dtype=bool), dist=dist,
                task_u={t: np.array(v["u"]) for t, v in targets["tasks"].items()} if targets else None,
-               task_weight=w_task)
+               task_weight=w_task, level_weight=cfg.level_weight, level_budget=cfg.level_budget)
     fit_s = time.time() - t_fit
     # -- calibrate thresholds on a spread sample of the val split
     t_cal = time.time()
     val = load_split(data_dir, "val", tasks)
     vprompts = [encoder.prompt(r.prompt) for t in sorted(val)
                 for r in spread_sample(val[t], cfg.val_calib_per_task, seed=cfg.seed)]
-    calib = calibrate(fm, vprompts, eos, cfg.max_completion_tokens, cfg.bf16, progress=progress, dist=dist, work=work)
-    fm.threshold = choose_default(calib, meta["label_k"], fm.threshold)
+    level = bool(targets) and cfg.level_weight > 0
+    calib = calibrate(fm, vprompts, eos, cfg.max_completion_tokens, cfg.bf16, progress=progress, dist=dist, work=work,
+                      thresholds=[LEVEL_THRESHOLD] if level else ())
+    # with the level term, score 0.5 stands for a per-token KL of --level-budget on every task (level_targets);
+    # without it the scores carry only an order, and the default is the calibrated point nearest label_k
+    fm.threshold = LEVEL_THRESHOLD if level else choose_default(calib, meta["label_k"], fm.threshold)
     cal_s = time.time() - t_cal
     cpu = dist.gather(round(_cpu_seconds(), 1))
     summary = {"recipe": "rank", "steps": cfg.rank_steps, "final": last, "measure_s": measure_s,
-               "task_weight": w_task, "task_targets_s": round(targets_s, 1),
+               "task_weight": w_task, "level_weight": cfg.level_weight if level else 0.0,
+               "level_budget": cfg.level_budget, "task_targets_s": round(targets_s, 1),
                "fit_s": round(fit_s, 1), "calibrate_s": round(cal_s, 1), "total_s": round(time.time() - t_start, 1),
                "cpu_s": round(sum(cpu), 1), "cpu_s_per_rank": cpu, "threads": torch.get_num_threads(),
                "examples": len(labels), "tasks": tasks, "data": str(data_dir), "config": asdict(cfg),

@@ -337,8 +337,11 @@ def test_rank_recipe_measures_fits_and_calibrates(rank_run, tiny_dir):
     assert len(imp["kl_skip_one"]) == 6 and imp["label_k"] == 2 and len(imp["static_mask_skips"]) == 2
     assert rj["pool_start"] > 0  # the chat prefix is not pooled
     pts = rj["calibration"]["points"]
-    assert pts and all(p["mean_skipped"] <= p["target_skipped"] for p in pts)
-    assert rj["threshold"] in [p["threshold"] for p in pts]
+    assert pts and all(p["mean_skipped"] <= p["target_skipped"] for p in pts if p["target_skipped"] is not None)
+    # the level term (default): threshold 0.5 = --level-budget nats a token, measured as a calibration point
+    assert rj["train"]["level_weight"] == 1.0 and rj["threshold"] == 0.5
+    assert [p["target_skipped"] for p in pts if p["threshold"] == 0.5] == [None]
+    assert [p["threshold"] for p in pts] == sorted(p["threshold"] for p in pts)
     log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 9))
     fm, _ = build_first_model(str(tiny_dir), str(run), verbose=False)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from export.importance import PromptState, Scorer, greedy_masks, greedy_order, single_skip_costs
-from export.rank import LabelSet, fit, init_from_importance, pooled_scores, task_targets
+from export.rank import LabelSet, fit, init_from_importance, level_loss, level_targets, pooled_scores, task_targets
 from helpers import tiny_first
 from runtime.errors import FirstEdgeError
-from runtime.masks import budget_mask
+from runtime.masks import budget_mask, threshold_mask
 
 
 def test_greedy_order_follows_an_interacting_score():
@@ -100,6 +100,53 @@ def test_routers_fitted_on_task_targets_reproduce_each_tasks_order(tmp_path, wei
         assert not any(hits[:12])  # task a's order was never learnt
 
 
+def test_level_targets_make_a_threshold_a_per_token_kl_budget():
+    u = torch.tensor([[0.05, 0.25, 0.5, 1.0, 4.0]])
+    g = torch.sigmoid(level_targets(u, 0.5))
+    assert torch.allclose(g, u / (u + 0.5), atol=1e-6)  # score = u / (u + budget)
+    # threshold t skips exactly the layers whose u is below budget * t / (1 - t)
+    for t in (0.2, 0.5, 0.8):
+        assert ((g < t) == (u < 0.5 * t / (1 - t))).all()
+    z = level_targets(u, 0.5)
+    free = torch.tensor([True, True, False, True, True])
+    assert float(level_loss(z, u, free, 0.5)) == pytest.approx(0.0, abs=1e-7)
+    moved = z.clone()
+    moved[0, 2] += 5.0  # a pinned layer's score does not count
+    assert float(level_loss(moved, u, free, 0.5)) == pytest.approx(0.0, abs=1e-7)
+    moved[0, 0] += 0.5  # 0.5 * 0.5^2 / 4 free layers (Huber, quadratic below 1)
+    assert float(level_loss(moved, u, free, 0.5)) == pytest.approx(0.5 * 0.25 / 4, rel=1e-5)
+
+
+@pytest.mark.parametrize("level", [1.0, 0.0])
+def test_level_term_makes_the_threshold_follow_each_tasks_cost(tmp_path, level):
+    """Task a is cheap to skip, task b costly: with the level term, threshold 0.5 (a budget of 0.5 nats)
+    skips the three layers of a whose labels are below 0.5 and only one of b."""
+    fm = tiny_first("llama")
+    L = fm.n_layers
+    labels = _label_set(tmp_path, fm)
+    init_from_importance(fm, [5, 4, 3, 2, 1, 0])
+    task_u = {"a": np.array([9.0, 0.1, 0.2, 0.3, 0.8, 1.0]),
+              "b": np.array([9.0, 2.0, 1.5, 1.0, 0.6, 0.3])}
+    cfg = SimpleNamespace(rank_lr=1e-2, weight_decay=0.0, seed=0, holdout=0.2, batch_size=8, rank_cap=1.0,
+                          rank_temperature=0.25, eval_every=10)
+    fit(fm, labels, cfg, [0], 200, progress=False, static=np.array([True] * 3 + [False] * 3), task_u=task_u,
+        task_weight=1.0, level_weight=level, level_budget=0.5)
+    b = labels.batch(range(len(labels)))
+    with torch.no_grad():
+        g = pooled_scores(fm, b["hidden"], b["pmask"]).numpy()
+    skipped = [set(np.flatnonzero(~threshold_mask(g[i], 0.5, [0]))) for i in range(len(labels))]
+    want = {"a": {1, 2, 3}, "b": {5}}
+    hits = [skipped[i] == want[str(labels.tasks[i])] for i in range(len(labels))]
+    if level:
+        assert all(hits)
+    else:  # the ranking loss alone sets no level: the counts do not follow the tasks' costs
+        assert not all(hits)
+    # the order is learnt either way: budget mode at 2 skipped layers follows each task's labels
+    order = {"a": {1, 2}, "b": {5, 4}}
+    assert all(set(np.flatnonzero(~budget_mask(g[i], L - 2, [0]))) == order[str(labels.tasks[i])]
+               for i in range(len(labels)))
+
+
 def test_fit_refuses_bad_task_targets(tmp_path):
     fm = tiny_first("llama")
     labels = _label_set(tmp_path, fm, n_per_task=6)
@@ -109,6 +156,9 @@ def test_fit_refuses_bad_task_targets(tmp_path):
         fit(fm, labels, cfg, [0], 3, progress=False, task_u={"a": np.zeros(fm.n_layers)}, task_weight=1.0)
     with pytest.raises(FirstEdgeError, match="task weight"):
         fit(fm, labels, cfg, [0], 3, progress=False, task_u={"a": np.zeros(fm.n_layers)}, task_weight=2.0)
+    with pytest.raises(FirstEdgeError, match="level budget"):
+        fit(fm, labels, cfg, [0], 3, progress=False, task_u={"a": np.zeros(fm.n_layers), "b": np.zeros(fm.n_layers)},
+            task_weight=1.0, level_weight=1.0, level_budget=0.0)
 
 
 def test_rank_recipe_with_task_targets_end_to_end(tmp_path, tiny_dir, data_dir):
@@ -164,3 +214,14 @@ def test_cli_refuses_a_task_weight_outside_0_1(tmp_path, tiny_dir, data_dir, cap
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--task-weight" in err and "between 0 and 1" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r" / "labels").exists()  # refused before measuring
+
+
+@pytest.mark.parametrize("opt", [["--level-weight", "-1"], ["--level-budget", "0"]])
+def test_cli_refuses_a_bad_level_term(tmp_path, tiny_dir, data_dir, capsys, opt):
+    from export import finetune as ft
+
+    with pytest.raises(SystemExit) as e:
+        ft.main(["--data", str(data_dir), "--out", str(tmp_path / "r"), "--model", str(tiny_dir), "--preset", "tiny",
+                 *opt])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and opt[0] in err and len(err.strip().splitlines()) == 1
