@@ -66,7 +66,7 @@ def memory_child(args):
 
     b = Bundle(args.bundle)
     opts = dict(kv.split("=", 1) for kv in args.backend_opt)
-    be = OrtBackend(b, threads=args.threads, decode_shape=args.shape, **opts)
+    be = OrtBackend(b, threads=args.threads, decode_shape=opts.pop("decode_shape", args.shape), **opts)
     out = {"loaded_rss_mb": round(peak_rss_mb(), 1)}
     tok = BundleTokenizer(b)
     cfg = SamplingConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
@@ -86,20 +86,31 @@ def memory_child(args):
 
 def memory(args):
     """``--memory``: peak RSS of each bundle (``--bundles``) generating ``--new-tokens`` tokens, one turn and two
-    chat turns (the second loads the extend graph), each in its own child under ``/usr/bin/time -v``."""
+    chat turns (the second loads the extend graph), each in its own child under ``/usr/bin/time -v``; with
+    ``--peers``, the peers' peak RSS too (their own child under ``/usr/bin/time -v``: 1 warm-up + ``--runs`` runs of
+    one turn). A bundle with ``prepack=disk`` is run once unmeasured first, so its pre-packed cache exists."""
     from common import timed_child
 
     rows = []
     for spec in args.bundles.split(","):
         bundle, *opts = spec.split(":")  # dist/NAME[:opt=value[:opt=value]]
-        for chat in (False, True):
+        for chat in ((None, False, True) if "prepack=disk" in opts else (False, True)):
             cmd = [sys.executable, Path(__file__).resolve(), "--memory-child", "--bundle", bundle, "--shape",
                    args.shape, "--threads", args.threads, "--new-tokens", args.new_tokens]
-            cmd += [x for o in opts for x in ("--backend-opt", o)] + (["--chat"] if chat else [])
+            cmd += [x for o in opts for x in ("--backend-opt", o)] + (["--chat"] if chat is not False else [])
             d = timed_child(cmd, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+            if chat is None:  # warm-up (a chat: every graph loaded): makes the pre-packed caches if missing
+                print(f"# warm-up {spec}: {json.dumps(d)}", file=sys.stderr)
+                continue
             d["name"] = f"{Path(bundle).name}{' ' + ' '.join(opts) if opts else ''}, {'2 chat turns' if chat else '1 turn'}"
             rows.append(d)
             print(json.dumps(d), file=sys.stderr)
+    for p in [p for p in (args.peers or "").split(",") if p]:
+        d = peer(p, args)
+        d.update(name=f"peer {p}, 1 turn ({1 + args.runs} generations)", loaded_rss_mb=None,
+                 turn1_prefill_ms=d.get("prefill_ms"), turn1_tok_s=d.get("decode_tok_s"))
+        rows.append(d)
+        print(json.dumps(d), file=sys.stderr)
     print(f"\n## Peak RSS ({time.strftime('%Y-%m-%d %H:%M')}, {args.threads} threads, {args.new_tokens} tokens a turn)\n")
     print("| configuration | peak RSS after loading MB | peak RSS MB | prefill ms (turn 1 / 2) | decode tok/s (turn 1 / 2) | load |\n"
           "|---|---:|---:|---|---|---:|")
@@ -108,7 +119,8 @@ def memory(args):
             print(f"| {d['name']} | error: {d['error']} | | |")
         else:
             two = "turn2_tok_s" in d
-            print(f"| {d['name']} | {d['loaded_rss_mb']:.0f} | **{d['peak_rss_mb']:.0f}** | {d.get('turn1_prefill_ms')}"
+            loaded = "-" if d.get("loaded_rss_mb") is None else f"{d['loaded_rss_mb']:.0f}"
+            print(f"| {d['name']} | {loaded} | **{d['peak_rss_mb']:.0f}** | {d.get('turn1_prefill_ms')}"
                   f"{' / ' + str(d['turn2_prefill_ms']) if two else ''} | {d.get('turn1_tok_s')}"
                   f"{' / ' + str(d['turn2_tok_s']) if two else ''} | {d['load_before']} |")
 
@@ -384,7 +396,8 @@ def main():
     add_model_args(ap)
     ap.add_argument("--quantize", default="none,int4")
     ap.add_argument("--shapes", default="fused,split")
-    ap.add_argument("--peers", default="onnx-fp32,onnx-int8,genai-fp32,genai-int4")
+    ap.add_argument("--peers", help="peers to run (default: onnx-fp32,onnx-int8,genai-fp32,genai-int4; "
+                                    "with --memory: none)")
     ap.add_argument("--contexts", default="256,4096", help="two max_context values for the per-token cost check")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -396,6 +409,8 @@ def main():
         return memory_child(args)
     if args.memory:
         return memory(args)
+    if args.peers is None:
+        args.peers = "onnx-fp32,onnx-int8,genai-fp32,genai-int4"
     if args.ab_child:
         return ab_child(args)
     if args.profile:

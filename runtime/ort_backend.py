@@ -9,8 +9,9 @@ an entry for it. No step copies a cache; the attention reads only the ``length``
 the per-token cost grows with the tokens so far, not with max_context.
 
 Weights: one file for all graphs (``weights.data``), memory-mapped once; every session gets the same tensors
-(:class:`SharedWeights`, ``SessionOptions.add_initializer``); ``prepack=all|decode|none`` picks the sessions
-that let ONNX Runtime pre-pack their MatMul weights (docs/onnx.md, "One copy of the weights").
+(:class:`SharedWeights`, ``SessionOptions.add_initializer``); ``prepack=all|decode|none|disk`` picks the sessions
+that let ONNX Runtime pre-pack their MatMul weights, and ``disk`` maps the pre-packed weights from a per-device cache
+instead of packing them on the heap (:class:`PrepackCache`; docs/onnx.md, "One copy of the weights").
 
 Decode shapes (manifest ``graphs.decode_shape``):
 Chat sessions (runtime/session.py) add ``extend.onnx``: a turn's new tokens through every layer after the
@@ -22,6 +23,12 @@ tokens already cached, written in place into the same buffers (loaded when a Ses
 """
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -78,8 +85,9 @@ def session_options(threads: int = 2):
 
 
 # which sessions let ONNX Runtime pre-pack (copy into MLAS's layout) MatMul / Gemm / MatMulNBits weights: every
-# session, the decode session(s) only (prefill and extend read the shared tensors as they are), or none
-PREPACK = ("all", "decode", "none")
+# session, the decode session(s) only (prefill and extend read the shared tensors as they are), or none; "disk": the
+# sessions the default packs (quantized: all, fp32: decode) map their packed weights from PrepackCache's files
+PREPACK = ("all", "decode", "none", "disk")
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "int32": np.int32, "int64": np.int64,
              "bool": np.bool_}
 
@@ -179,35 +187,217 @@ class SharedWeights:
             so.add_initializer(name, self.value(name))
 
 
+# ---------------------------------------------------------------------------------------------- pre-packed cache
+def _cpu_signature() -> str:
+    """What MLAS's packed layout depends on: the machine and its instruction-set flags."""
+    import platform
+
+    keep = ("flags", "features", "vendor_id", "cpu family", "model", "model name", "cpu implementer",
+            "cpu architecture", "cpu variant", "cpu part", "isa")
+    lines = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                k = line.split(":", 1)[0].strip().lower()
+                if k in keep:
+                    lines.add(" ".join(line.split()))
+    except OSError:
+        pass
+    return platform.machine() + "\n" + "\n".join(sorted(lines))
+
+
+def default_cache_root() -> Path:
+    """``$FIRST_EDGE_PREPACK_CACHE``, else ``$XDG_CACHE_HOME/first-edge/prepacked`` (``~/.cache/...``)."""
+    env = os.environ.get("FIRST_EDGE_PREPACK_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "first-edge" / "prepacked"
+
+
+def _glibc_heap(tune: bool = False) -> None:
+    """Return the C heap's free memory to the system (``malloc_trim``); with ``tune``, first make glibc serve every
+    allocation of 128 KiB or more with its own mapping, returned when freed (``mallopt(M_MMAP_THRESHOLD)``, which also
+    stops glibc raising that threshold): ONNX Runtime's transient buffers while it loads a session otherwise stay in
+    the process (measured: ~60 MB per int4 session). Process-wide; glibc only (elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        if tune and not _GLOBAL_POOL.get("malloc_tuned"):
+            libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+            libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+            _GLOBAL_POOL["malloc_tuned"] = True
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _FilePages:
+    """The read-only file pages ONNX Runtime mapped for one session's cached data file, and a way to drop them from
+    the process (``madvise(MADV_DONTNEED)``: clean file pages only, so the next read faults them back in from the
+    page cache with the same contents). Linux only; elsewhere (or if anything looks unexpected) a no-op."""
+
+    def __init__(self, data_file: Path):
+        self.ranges = []
+        self._madvise = None
+        try:
+            import ctypes
+            import mmap
+
+            target = os.path.realpath(data_file)
+            cur, maps = None, []
+            with open("/proc/self/smaps") as f:
+                for line in f:
+                    head = line.split(None, 5)
+                    if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+                        cur = None
+                        if len(head) == 6 and head[5].rstrip("\n") == target:
+                            a, b = (int(x, 16) for x in head[0].split("-"))
+                            cur = [a, b - a, head[1], None]
+                            maps.append(cur)
+                    elif cur is not None and head[0] == "Anonymous:" and head[1] != "0":
+                        cur[3] = "written"  # a copy-on-write page: dropping it would lose the write
+            # read-only or never-written private mappings of the cache file only
+            self.ranges = [(a, n) for a, n, perms, written in maps if written is None and "r" in perms]
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            self._madvise = (libc.madvise, mmap.MADV_DONTNEED)
+        except (OSError, AttributeError, ValueError, ImportError):
+            self.ranges = []
+
+    def drop(self):
+        if self._madvise is None:
+            return
+        fn, advice = self._madvise
+        for a, n in self.ranges:
+            fn(a, n, advice)
+
+
+class PrepackCache:
+    """Pre-packed weights on disk (``--backend-opt prepack=disk``): ONNX Runtime (>= 1.21) can save an optimized
+    graph whose MLAS pre-packed weights are written to its external data file
+    (``session.save_external_prepacked_constant_initializers``), and a session loaded from that graph maps them from
+    the file instead of packing them on the heap. The packed layout depends on the CPU and the ONNX Runtime build, so
+    the files are made on the device, on the first load of each graph, in
+    ``ROOT/<bundle>.<graph>.<key>/`` (key: the bundle's manifest file list with its sha256s, the graph and weights
+    files' size and mtime, the onnxruntime version and the CPU's flags). ``meta.json`` there records each file's size
+    and sha256, checked on every load: a missing, truncated or altered cache is rebuilt (one-line warning); an
+    unwritable ROOT falls back to packing on the heap (one-line warning)."""
+
+    FORMAT = 1
+
+    def __init__(self, root, bundle_path: Path, signature: str):
+        import onnxruntime as ort
+
+        self.root = Path(root)
+        self.bundle_path = Path(bundle_path)
+        self.signature = signature
+        self.ort_version = ort.__version__
+        self.cpu = _cpu_signature()
+
+    def key(self, graph: str, extra_files) -> str:
+        import hashlib
+
+        stats = []
+        for name in [graph] + sorted(extra_files):
+            try:
+                st = (self.bundle_path / name).stat()
+                stats.append([name, st.st_size, st.st_mtime_ns])
+            except OSError:
+                stats.append([name, None, None])
+        blob = json.dumps({"format": self.FORMAT, "graph": graph, "bundle": self.signature, "stats": stats,
+                           "onnxruntime": self.ort_version, "cpu": self.cpu}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def folder(self, graph: str, key: str) -> Path:
+        tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.bundle_path.resolve().name}.{Path(graph).stem}")
+        return self.root / f"{tag}.{key[:20]}"
+
+    @staticmethod
+    def files(graph: str):
+        g = Path(graph).name
+        return g, g + ".data"
+
+    def check(self, folder: Path, graph: str, key: str) -> Optional[str]:
+        """None when the cache in ``folder`` is complete and intact, else why not."""
+        from .bundle import sha256_file
+
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            if meta.get("format") != self.FORMAT or meta.get("key") != key:
+                return "it was made for another bundle, device or onnxruntime"
+            files = meta["files"]
+            for name in self.files(graph):
+                entry, p = files[name], folder / name
+                if p.stat().st_size != entry["bytes"]:
+                    return f"{name} has {p.stat().st_size} bytes, not {entry['bytes']} (truncated?)"
+                if sha256_file(p) != entry["sha256"]:
+                    return f"{name} does not match its sha256 (corrupt?)"
+        except FileNotFoundError as e:
+            return f"{Path(e.filename or '?').name} is missing"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"its meta.json is unreadable ({first_line(e)})"
+        return None
+
+    def save_options(self, so, tmp: Path, graph: str):
+        g, data = self.files(graph)
+        so.optimized_model_filepath = str(tmp / g)
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", data)
+        # small tensors stay in the graph (shape-inference inputs must be inline)
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        so.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+
+    def commit(self, tmp: Path, folder: Path, graph: str, key: str) -> None:
+        from .bundle import sha256_file
+
+        files = {}
+        for name in self.files(graph):
+            p = tmp / name
+            if not p.is_file():
+                raise OSError(f"onnxruntime wrote no {name}")
+            files[name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        (tmp / "meta.json").write_text(json.dumps({"format": self.FORMAT, "key": key, "graph": graph,
+                                                   "onnxruntime": self.ort_version, "files": files}, indent=1))
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process made it meanwhile: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 class OrtBackend:
     """Backend protocol of runtime.loop: ``prefill(ids, threshold)`` and ``decode(token, position, mask)``."""
 
     def __init__(self, bundle, threads: int = 2, decode_shape: Optional[str] = None, profile: Optional[str] = None,
-                 prepack: Optional[str] = None, **opts):
+                 prepack: Optional[str] = None, prepack_cache: Optional[str] = None, **opts):
         if opts:
             raise FirstEdgeError(f"unknown ONNX Runtime backend option(s): {', '.join(sorted(opts))} "
-                                 f"(known: decode_shape=fused|split, profile=DIR, prepack={'|'.join(PREPACK)})")
+                                 f"(known: decode_shape=fused|split, profile=DIR, prepack={'|'.join(PREPACK)}, "
+                                 f"prepack_cache=DIR)")
         dims = Dims.from_model(bundle.model)
         graphs = bundle.graphs
         self._listed = set(bundle.manifest.get("files") or {})  # the shared weights file must be one of them
         io = check_io(graphs.get("io"), "onnxruntime", dims, _shapes(graphs))
+        self._signature = json.dumps(bundle.manifest.get("files"), sort_keys=True)  # names, sizes and sha256s
         self._init(bundle.path, graphs, dims, io, threads=int(threads), decode_shape=decode_shape, profile=profile,
-                   prepack=prepack)
+                   prepack=prepack, prepack_cache=prepack_cache)
 
     @classmethod
     def from_dir(cls, path, graphs: dict, dims: Dims, threads: int = 2,
                  decode_shape: Optional[str] = None, profile: Optional[str] = None,
-                 prepack: Optional[str] = None) -> "OrtBackend":
+                 prepack: Optional[str] = None, prepack_cache: Optional[str] = None) -> "OrtBackend":
         """Open graphs without a manifest (export validation): the I/O is the contract's."""
         self = cls.__new__(cls)
         io = graph_io("onnxruntime", dims, _shapes(graphs))
+        self._signature = json.dumps(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                            for p in Path(path).iterdir() if p.is_file()))
         self._init(Path(path), graphs, dims, io, threads=threads, decode_shape=decode_shape, profile=profile,
-                   prepack=prepack)
+                   prepack=prepack, prepack_cache=prepack_cache)
         return self
 
     # ------------------------------------------------------------------ loading
     def _init(self, path: Path, graphs: dict, dims: Dims, io: dict, threads: int, decode_shape: Optional[str],
-              profile: Optional[str], prepack: Optional[str] = None):
+              profile: Optional[str], prepack: Optional[str] = None, prepack_cache: Optional[str] = None):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -232,11 +422,15 @@ class OrtBackend:
         self.prepack = prepack or self._default_prepack()
         if self.prepack not in PREPACK:
             raise FirstEdgeError(f"prepack must be one of {', '.join(PREPACK)}, got {self.prepack!r}")
+        self._pages: List[_FilePages] = []  # prepack=disk: each cached session's mapped file pages
+        self.cache = None
+        if self.prepack == "disk":
+            self.cache = PrepackCache(prepack_cache or default_cache_root(), self.path, self._signature)
+            _glibc_heap(tune=True)
+        elif prepack_cache is not None:
+            raise FirstEdgeError("prepack_cache=DIR needs prepack=disk")
         self._extend_file = graphs.get("extend", "extend.onnx")
         self.extend_sess = None  # loaded when a chat session starts (its weights are the shared ones)
-        self.prefill_sess = self._session(graphs.get("prefill", "prefill.onnx"), profile=False, decode=False)
-        self._check(self.prefill_sess, "prefill", graphs.get("prefill", "prefill.onnx"))
-        self._prefill_out = [o.name for o in self.prefill_sess.get_outputs()]
         # KV buffers: allocated once, written in place by the decode graphs
         self.k = [np.zeros((1, KV, C, hd), F32) for _ in range(L)]
         self.v = [np.zeros((1, KV, C, hd), F32) for _ in range(L)]
@@ -247,6 +441,16 @@ class OrtBackend:
         self._logits = np.zeros((1, V), F32)
         self._kept: List[int] = list(range(L))
         self._mask_key = None
+        if self.cache is not None:  # prepack=disk: the decode graphs first (the larger load-time peak; measured)
+            self._load_decode(graphs, shape, profile)
+        self.prefill_sess = self._session(graphs.get("prefill", "prefill.onnx"), profile=False, decode=False)
+        self._check(self.prefill_sess, "prefill", graphs.get("prefill", "prefill.onnx"))
+        self._prefill_out = [o.name for o in self.prefill_sess.get_outputs()]
+        if self.cache is None:
+            self._load_decode(graphs, shape, profile)
+
+    def _load_decode(self, graphs: dict, shape: str, profile: Optional[str]):
+        L = self.n_layers
         if shape == "fused":
             self.decode_sess = self._session(graphs.get("decode", "decode.onnx"), profile=bool(profile))
             self._check(self.decode_sess, "decode", graphs.get("decode", "decode.onnx"))
@@ -277,36 +481,101 @@ class OrtBackend:
         return "all" if self.shared is None or self.shared.quantized else "decode"
 
     def _session(self, name: str, profile: bool, decode: bool = True):
-        ort = self.ort
         if not isinstance(name, str) or not name:
             raise FirstEdgeError(f"manifest names a graph file {name!r}, not a file name")
         f = self.path / name
         if not f.is_file():
             raise FirstEdgeError(f"bundle file missing: {name}")
+        policy = self._default_prepack() if self.prepack == "disk" else self.prepack
+        packs = policy == "all" or (policy == "decode" and decode)
+        s = self._cached_session(name, profile) if packs and self.cache is not None else None
+        if s is None:
+            s = self._create(name, f, self._options(name, profile, packs))
+            if packs and self.shared is not None:
+                self.shared.release()
+        self._sessions.append(s)
+        return s
+
+    def _options(self, name: str, profile: bool, packs: bool, shared: bool = True):
         so = session_options(self.threads)
-        packs = self.prepack == "all" or (self.prepack == "decode" and decode)
+        if _GLOBAL_POOL["threads"] not in (-1, self.threads):
+            warnings.warn(f"ONNX Runtime's thread pool of this process has {_GLOBAL_POOL['threads']} threads; "
+                          f"threads={self.threads} is ignored")
         if not packs:
             so.add_session_config_entry("session.disable_prepacking", "1")
-        if self.shared is not None:
+        if shared and self.shared is not None:
             # every session reads the same memory-mapped tensors (also those it pre-packs: measured, leaving them
             # to ONNX Runtime's own per-session mapping keeps more resident; docs/onnx.md)
             self.shared.add_to(so, name)
-        if _GLOBAL_POOL["threads"] not in (-1, self.threads):
-            import warnings
-
-            warnings.warn(f"ONNX Runtime's thread pool of this process has {_GLOBAL_POOL['threads']} threads; "
-                          f"threads={self.threads} is ignored")
         if profile:
             so.enable_profiling = True
             so.profile_file_prefix = str(Path(self.profile) / Path(name).stem)
+        return so
+
+    def _create(self, name: str, f: Path, so):
         try:
-            s = ort.InferenceSession(str(f), so, providers=["CPUExecutionProvider"])
+            return self.ort.InferenceSession(str(f), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001  (ORT raises several exception types for a bad file)
             raise FirstEdgeError(f"cannot load graph {name} (corrupt or truncated?): {first_line(e)}") from None
-        if packs and self.shared is not None:
+
+    def _cached_session(self, name: str, profile: bool):
+        """prepack=disk: the session from the graph's pre-packed cache (made now if missing or damaged: this first
+        session packs on the heap as usual and writes the cache; later loads map it). None when the cache cannot be
+        written (the caller packs on the heap)."""
+        c = self.cache
+        extra = [self.shared.data_name] if self.shared is not None else []
+        key = c.key(name, extra)
+        folder = c.folder(name, key)
+        g, data = c.files(name)
+        if folder.exists():
+            why = c.check(folder, name, key)
+            if why is None:
+                try:  # everything the graph needs is in the cache: no shared initializers (they would be re-packed)
+                    s = self.ort.InferenceSession(str(folder / g), self._options(name, profile, True, shared=False),
+                                                  providers=["CPUExecutionProvider"])
+                except Exception as e:  # noqa: BLE001
+                    why = f"onnxruntime cannot load it: {first_line(e)}"
+                else:
+                    pages = _FilePages(folder / data)
+                    pages.drop()  # loading read every page; a call faults in only what it uses
+                    self._pages.append(pages)
+                    _glibc_heap()  # and left freed buffers in the C heap
+                    return s
+            warnings.warn(f"prepack=disk: rebuilding the pre-packed cache {folder} of {name}: {why}")
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            c.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=c.root))
+        except OSError as e:
+            warnings.warn(f"prepack=disk: cannot write the pre-packed cache in {c.root} ({first_line(e)}); "
+                          f"packing {name} in memory")
+            return None
+        so = self._options(name, profile, True)
+        c.save_options(so, tmp, name)
+        try:
+            s = self._create(name, self.path / name, so)
+        except FirstEdgeError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if self.shared is not None:
             self.shared.release()
-        self._sessions.append(s)
+        try:
+            c.commit(tmp, folder, name, key)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            warnings.warn(f"prepack=disk: cannot write the pre-packed cache of {name} in {c.root} "
+                          f"({first_line(e)})")
         return s
+
+    def _trim(self):
+        """prepack=disk, around a prefill / extend call: drop the resident pages of every cached session's file and of
+        the shared weights (all clean file pages; a later call faults in what it reads), so one phase's packed weights
+        are not resident while another phase runs."""
+        if self.cache is not None:
+            for p in self._pages:
+                p.drop()
+            if self.shared is not None:
+                self.shared.release()
 
     def _check(self, sess, graph: str, file: str, l: Optional[int] = None):
         """The session's inputs and outputs are exactly the I/O the manifest declares for ``graph``: the same
@@ -390,10 +659,13 @@ class OrtBackend:
             raise FirstEdgeError(f"prompt has {T} tokens; this bundle's context is {self.max_context} tokens")
         if ids.min() < 0 or ids.max() >= self.vocab:
             raise FirstEdgeError(f"token id out of range for a vocabulary of {self.vocab}")
+        self._trim()
         try:
             outs = self.prefill_sess.run(None, {"input_ids": ids, "threshold": np.array([threshold], F32)})
         except Exception as e:  # noqa: BLE001  (a damaged graph can fail only when it runs)
             raise FirstEdgeError(f"the prefill graph failed: {first_line(e)}") from None
+        finally:
+            self._trim()
         res = dict(zip(self._prefill_out, outs))
         for l in range(self.n_layers):
             self.k[l][:, :, :T] = res[f"present.{l}.key"]
@@ -432,10 +704,13 @@ class OrtBackend:
             self._bin(b, f"present.{l}.value", self.v[l], output=True)
         self._bin(b, "logits", logits, output=True)
         self._bin(b, "router_probs", probs, output=True)
+        self._trim()
         try:
             self.extend_sess.run_with_iobinding(b)
         except Exception as e:  # noqa: BLE001  (a damaged graph can fail only when it runs)
             raise FirstEdgeError(f"the extend graph failed: {first_line(e)}") from None
+        finally:
+            self._trim()
         self.lengths[:] = S + T
         return logits[0], probs
 
@@ -477,6 +752,7 @@ class OrtBackend:
         return [s.end_profiling() for s in sess]
 
     def close(self):
+        self._pages = []  # the sessions (and their mappings) go below
         self._sessions.clear()
         for a in ("prefill_sess", "extend_sess", "decode_sess", "embed_sess", "layer_sess", "head_sess", "_binding",
                   "_embed_b", "_layer_b", "_head_b"):

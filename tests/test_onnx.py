@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -492,6 +493,149 @@ def test_sessions_share_one_weights_buffer(bundle_dir, ref_model, prepack):
 def test_bad_prepack_option(bundle_dir):
     with pytest.raises(FirstEdgeError, match="prepack must be one of all, decode, none"):
         backend(bundle_dir, "fused", prepack="some")
+    with pytest.raises(FirstEdgeError, match="prepack_cache=DIR needs prepack=disk"):
+        backend(bundle_dir, "fused", prepack_cache="x")
+
+
+# ---------------------------------------------------------------- pre-packed weights mapped from a cache (prepack=disk)
+def _run(be, seed=3):
+    """Greedy tokens and every step's logits of one generation and one chat extend (mixed mask)."""
+    ids = rand_ids(9, seed)
+    mask = np.array([1, 0, 1, 1, 0, 1], bool)
+    r = generate(be, ids, SamplingConfig(max_new_tokens=5, ignore_eos=True), mask=mask, keep_logits=True)
+    logits, probs = be.extend(np.array(rand_ids(4, seed + 1)), int(be.lengths.min()))
+    return r.tokens, np.stack(r.step_logits), logits.copy(), probs.copy()
+
+
+def _same(a, b):
+    assert a[0] == b[0]
+    for x, y in zip(a[1:], b[1:]):
+        assert np.array_equal(x, y)
+
+
+def _caches(root: Path):
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def int4_bundle(tiny_dir, run_dir, tmp_path_factory):
+    from export.build import build
+
+    return build("rpi", tmp_path_factory.mktemp("int4") / "b", model=str(tiny_dir), run=str(run_dir),
+                 quantize="int4", max_context=MAX_CTX, verbose=False)
+
+
+@pytest.mark.parametrize("kind,shape", [("fp32", "fused"), ("fp32", "split"), ("int4", None)])
+def test_prepack_disk_matches_and_reuses_its_cache(bundle_dir, int4_bundle, tmp_path, kind, shape, recwarn):
+    """prepack=disk: the first load writes each packing session's graph with its pre-packed weights (fp32: the
+    decode graph(s); int4: every graph), later loads map them from there; outputs are bit-identical to the default
+    sessions, and loading does not write again."""
+    d = bundle_dir if kind == "fp32" else int4_bundle
+    root = tmp_path / "cache"
+    ref = backend(d, shape)
+    want = _run(ref)
+    ref.close()
+    first = backend(d, shape, prepack="disk", prepack_cache=str(root))
+    assert first._pages == []  # made now: this load packed on the heap
+    _same(_run(first), want)
+    first.close()
+    made = _caches(root)
+    graphs = {p.split(".")[1] for p in made}
+    if kind == "int4":
+        assert graphs == {"prefill", "extend", "decode"}
+    elif shape == "fused":
+        assert graphs == {"decode"}
+    else:
+        assert graphs == {"embed", "head"} | {f"layer_{l}" for l in range(6)}
+    for p in made:
+        meta = json.loads((root / p / "meta.json").read_text())
+        assert set(meta["files"]) == {f"{meta['graph']}", f"{meta['graph']}.data"}
+    stamp = {f: f.stat().st_mtime_ns for f in root.rglob("*")}
+    again = backend(d, shape, prepack="disk", prepack_cache=str(root))
+    assert len(again._pages) == (len(made) - (1 if kind == "int4" else 0))  # extend: loaded by _run below
+    assert all(p.ranges for p in again._pages)  # the packed weights are file pages of the cache (dropped after load)
+    _same(_run(again), want)
+    assert len(again._pages) == len(made)
+    again.close()
+    assert {f: f.stat().st_mtime_ns for f in root.rglob("*")} == stamp and _caches(root) == made
+    assert not [w for w in recwarn.list if "prepack" in str(w.message)]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "altered", "meta", "graph"])
+def test_prepack_disk_damaged_cache_is_rebuilt(bundle_dir, tmp_path, damage):
+    """A cache is untrusted input: a truncated or altered file (or one whose meta.json was rewritten to match a broken
+    graph) gives one warning line, is rebuilt, and the outputs stay the default sessions'."""
+    from runtime.bundle import sha256_file
+
+    root = tmp_path / "cache"
+    want = _run(backend(bundle_dir, "fused"))
+    backend(bundle_dir, "fused", prepack="disk", prepack_cache=str(root)).close()
+    (c,) = [root / p for p in _caches(root)]
+    data, graph, meta = c / "decode.onnx.data", c / "decode.onnx", c / "meta.json"
+    if damage == "truncated":
+        data.write_bytes(data.read_bytes()[:-100])
+        match = "decode.onnx.data has .* bytes, not .* \\(truncated\\?\\)"
+    elif damage == "altered":
+        b = bytearray(data.read_bytes())
+        b[len(b) // 2] ^= 0xFF
+        data.write_bytes(bytes(b))
+        match = "decode.onnx.data does not match its sha256"
+    elif damage == "meta":
+        meta.write_text("{")
+        match = "meta.json is unreadable"
+    else:
+        graph.write_bytes(b"not a graph")
+        m = json.loads(meta.read_text())
+        m["files"]["decode.onnx"] = {"bytes": graph.stat().st_size, "sha256": sha256_file(graph)}
+        meta.write_text(json.dumps(m))
+        match = "onnxruntime cannot load it"
+    with pytest.warns(UserWarning, match="prepack=disk: rebuilding the pre-packed cache .*" + match) as w:
+        be = backend(bundle_dir, "fused", prepack="disk", prepack_cache=str(root))
+    assert [str(x.message).count("\n") for x in w.list if "prepack" in str(x.message)] == [0]
+    _same(_run(be), want)
+    be.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        be = backend(bundle_dir, "fused", prepack="disk", prepack_cache=str(root))  # the rebuilt cache is used
+    assert len(be._pages) == 1
+    _same(_run(be), want)
+    be.close()
+
+
+def test_prepack_disk_unwritable_cache_falls_back(bundle_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    want = _run(backend(bundle_dir, "fused"))
+    with pytest.warns(UserWarning, match="prepack=disk: cannot write the pre-packed cache in .*; packing decode.onnx "
+                                         "in memory"):
+        be = backend(bundle_dir, "fused", prepack="disk", prepack_cache=str(tmp_path / "file" / "cache"))
+    _same(_run(be), want)
+    be.close()
+
+
+def test_prepack_disk_cache_follows_the_bundle(bundle_dir, tmp_path):
+    """A changed bundle (a weight altered and the manifest re-hashed) gets its own cache and its own outputs."""
+    root = tmp_path / "cache"
+    d = _copy(bundle_dir, tmp_path)
+    backend(d, "fused", prepack="disk", prepack_cache=str(root)).close()
+    before = _caches(root)
+    idx = json.loads((d / "weights.json").read_text())
+    t = idx["tensors"]["layers.1.attn.qkv_proj.weight"]
+    w = np.memmap(d / "weights.data", dtype=np.float32, mode="r+", offset=t["offset"], shape=(t["length"] // 4,))
+    w[:] *= 1.5
+    w.flush()
+    del w
+    _edit_manifest(d, lambda m: m["files"].update({"weights.data": {"sha256": sha256_file(d / "weights.data"),
+                                                                    "bytes": (d / "weights.data").stat().st_size}}))
+    want = _run(backend(d, "fused"))
+    be = backend(d, "fused", prepack="disk", prepack_cache=str(root))
+    assert len(_caches(root)) == 2 and set(before) < set(_caches(root)) and be._pages == []
+    got = _run(be)
+    _same(got, want)
+    be.close()
+    be = backend(d, "fused", prepack="disk", prepack_cache=str(root))
+    assert len(be._pages) == 1
+    _same(_run(be), want)
+    be.close()
 
 
 @pytest.mark.parametrize("case,match", [
