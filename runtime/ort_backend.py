@@ -215,6 +215,11 @@ def default_cache_root() -> Path:
     return Path(base) / "first-edge" / "prepacked"
 
 
+def _warn(message: str) -> None:
+    """A one-line warning (no source line under it): ``runtime/ort_backend.py:0: UserWarning: message``."""
+    warnings.warn_explicit(message, UserWarning, "runtime/ort_backend.py", 0, module="runtime.ort_backend")
+
+
 def _glibc_heap(tune: bool = False) -> None:
     """Return the C heap's free memory to the system (``malloc_trim``); with ``tune``, first make glibc serve every
     allocation of 128 KiB or more with its own mapping, returned when freed (``mallopt(M_MMAP_THRESHOLD)``, which also
@@ -423,7 +428,7 @@ class OrtBackend:
         if self.prepack not in PREPACK:
             raise FirstEdgeError(f"prepack must be one of {', '.join(PREPACK)}, got {self.prepack!r}")
         self._pages: List[_FilePages] = []  # prepack=disk: each cached session's mapped file pages
-        self.cache = None
+        self.cache, self._cache_off = None, False
         if self.prepack == "disk":
             self.cache = PrepackCache(prepack_cache or default_cache_root(), self.path, self._signature)
             _glibc_heap(tune=True)
@@ -488,7 +493,8 @@ class OrtBackend:
             raise FirstEdgeError(f"bundle file missing: {name}")
         policy = self._default_prepack() if self.prepack == "disk" else self.prepack
         packs = policy == "all" or (policy == "decode" and decode)
-        s = self._cached_session(name, profile) if packs and self.cache is not None else None
+        cached = packs and self.cache is not None and not self._cache_off
+        s = self._cached_session(name, profile) if cached else None
         if s is None:
             s = self._create(name, f, self._options(name, profile, packs))
             if packs and self.shared is not None:
@@ -541,14 +547,14 @@ class OrtBackend:
                     self._pages.append(pages)
                     _glibc_heap()  # and left freed buffers in the C heap
                     return s
-            warnings.warn(f"prepack=disk: rebuilding the pre-packed cache {folder} of {name}: {why}")
+            _warn(f"prepack=disk: rebuilding the pre-packed cache {folder} of {name}: {why}")
             shutil.rmtree(folder, ignore_errors=True)
         try:
             c.root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=c.root))
         except OSError as e:
-            warnings.warn(f"prepack=disk: cannot write the pre-packed cache in {c.root} ({first_line(e)}); "
-                          f"packing {name} in memory")
+            _warn(f"prepack=disk: cannot write the pre-packed cache in {c.root} ({first_line(e)}); packing in memory")
+            self._cache_off = True  # one warning: the remaining sessions pack in memory too
             return None
         so = self._options(name, profile, True)
         c.save_options(so, tmp, name)
@@ -563,8 +569,7 @@ class OrtBackend:
             c.commit(tmp, folder, name, key)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            warnings.warn(f"prepack=disk: cannot write the pre-packed cache of {name} in {c.root} "
-                          f"({first_line(e)})")
+            _warn(f"prepack=disk: cannot write the pre-packed cache of {name} in {c.root} ({first_line(e)})")
         return s
 
     def _trim(self):
