@@ -62,7 +62,9 @@ def loto(run: Path, data_dir, prompts: int, budgets, continuation: int, calib: i
         subset = np.flatnonzero(np.array(labels.tasks) != x)
         static = np.array(meta["static"], dtype=bool)  # the labels' reference mask (the run's)
         fit(fm, labels, cfg, pinned, cfg.rank_steps, progress=False, subset=subset, static=static,
-            task_u=task_u, task_weight=w_task)  # X's task targets exist but none of X's prompts is fitted
+            task_u=task_u, task_weight=w_task,  # X's task targets exist but none of X's prompts is fitted
+            level_weight=float(rcfg["train"].get("level_weight", 0.0)),
+            level_budget=float(rcfg["train"].get("level_budget", 0.5)))
         res = evaluate(fm, tok, data_dir, "val", [x], prompts=prompts, budgets=budgets, thresholds=[],
                        continuation=continuation, max_prompt_tokens=cfg.max_prompt_tokens, calib=calib,
                        train_tasks=others, gen_prompts=0, seed=seed, progress=progress, log=lambda s: None)

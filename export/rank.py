@@ -23,10 +23,13 @@ Phases (``train_rank``):
    weight decay keeps the routers near the prior where the labels do not agree;
    With ``task_weight`` > 0 (``--task-weight``; default 1: task targets only) the fit ranks by **task
    targets**: per task, a greedy skip order measured on ``task_prompts`` training prompts of that task
-   (``task_targets``); the routers must recognise the task from the prompt to follow them;
+   (``task_targets``); the routers must recognise the task from the prompt to follow them; with task
+   targets, the **level term** (``--level-weight``, ``level_loss``) also fits each score to ``u / (u +
+   level_budget)``, so a threshold is a per-token KL budget that follows each task's cost;
 5. **calibrate**: on a spread sample of the val split, the thresholds at which the routers skip 3, 6,
-   9 and 12 layers on average, with the measured KL; the default threshold is the point nearest
-   ``label_k`` skipped layers. Stored in ``routers.json`` (and the bundle manifest).
+   9 and 12 layers on average, with the measured KL; the default threshold is 0.5 with the level term
+   (measured as one more point), else the point nearest ``label_k`` skipped layers. Stored in
+   ``routers.json`` (and the bundle manifest).
 """
 from __future__ import annotations
 
